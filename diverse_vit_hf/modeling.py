@@ -1,0 +1,324 @@
+"""ViT / DeiT image classifiers that expose what the Diverse-ViT regularizers need.
+
+`DiverseViTForImageClassification` and `DiverseDeiTForImageClassification` have exactly the parameters of
+their stock parents, load any HF ViT/DeiT checkpoint with `from_pretrained`, and save *plain* checkpoints
+(`config.json` names the stock architecture), so a diversified model runs in vanilla `transformers`,
+`pipeline("image-classification")` and Hub inference widgets without remote code.
+
+With `return_diversity_outputs=True` the forward also returns `h^0`, the pre-LayerNorm `h^L`, block 1's
+attention probabilities and per-token logits. Only block 1 then runs an eager attention kernel (its
+probabilities are needed); every other block keeps the configured fast kernel (SDPA, flash, ...). The
+dispatch goes through transformers' `AttentionInterface`: a registered function runs the eager kernel for
+the one flagged module and delegates to the base implementation for all others. The flag stays set once
+installed, so activation-checkpoint recomputation takes the same path as the forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, DeiTForImageClassification, PretrainedConfig, ViTForImageClassification
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .mixing import check_patch_grid
+from .regularizers import soft_target_cross_entropy
+
+BLOCK1_EAGER_PREFIX = "diverse_vit_block1_eager+"
+SUPPORTED_MODEL_TYPES = ("vit", "deit")
+
+
+@dataclass
+class DiverseImageClassifierOutput(ImageClassifierOutput):
+    """`ImageClassifierOutput` plus the tensors the Diverse-ViT regularizers read.
+
+    Attributes:
+        loss: image-level cross-entropy of `logits` against `labels` (hard or soft), when labels are given.
+        logits: `(B, C)` classifier logits of the CLS token.
+        first_hidden_state: `(B, N, D)` `h^0`, the tokens entering block 1 (embeddings after dropout).
+        last_block_hidden_state: `(B, N, D)` `h^L`, the last block's output before the final LayerNorm.
+        first_block_attention_probs: `(B, H, N, N)` block 1's softmax attention probabilities, before dropout.
+        token_logits: `(B, N, C)` the classifier (final LayerNorm, then head) applied to every token.
+    """
+
+    first_hidden_state: torch.FloatTensor | None = None
+    last_block_hidden_state: torch.FloatTensor | None = None
+    first_block_attention_probs: torch.FloatTensor | None = None
+    token_logits: torch.FloatTensor | None = None
+
+
+def eager_attention_with_probs(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention returning the softmax probabilities *before* dropout (what the loss needs).
+
+    Args:
+        query, key, value: `(B, H, N, d)`.
+        attention_mask: additive mask broadcastable to `(B, H, N, N)`, or None.
+
+    Returns:
+        `(attn_output (B, N, H, d), probs (B, H, N, N))`.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), probs
+
+
+def register_block1_eager_attention(base_implementation: str) -> str:
+    """Register (once) an attention function that runs `eager_attention_with_probs` on the module flagged with
+    `_diverse_capture_probs` and `base_implementation` everywhere else. Returns its registered name."""
+    name = BLOCK1_EAGER_PREFIX + base_implementation
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+
+    def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if getattr(module, "_diverse_capture_probs", False):
+            output, probs = eager_attention_with_probs(module, query, key, value, attention_mask, dropout, scaling)
+            sink = getattr(module, "_diverse_probs_sink", None)
+            if sink is not None:
+                sink.append(probs)
+            return output, probs
+        if base_implementation == "eager":
+            output, _ = eager_attention_with_probs(module, query, key, value, attention_mask, dropout, scaling)
+            return output, None
+        base = ALL_ATTENTION_FUNCTIONS[base_implementation]
+        return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    AttentionInterface.register(name, attention_forward)
+    return name
+
+
+def _stock_class_name(model: nn.Module) -> str:
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    raise TypeError(f"{type(model).__name__} has no transformers base class.")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class DiverseModelMixin:
+    """Shared behaviour of the diverse ViT/DeiT classifiers. `num_prefix_tokens` is set by each subclass."""
+
+    num_prefix_tokens: int
+    base_model_prefix: str
+    config: PretrainedConfig
+    classifier: nn.Module
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The `ViTModel` / `DeiTModel` inside the classifier."""
+        return getattr(self, self.base_model_prefix)
+
+    def attention_projection_weights(self) -> torch.Tensor:
+        """The query, key and value weights of every block, stacked for one batched call.
+
+        Returns:
+            `(3 * L, D_attn, D)` in block order `[Q_1, K_1, V_1, Q_2, ...]`.
+        """
+        weights = []
+        for layer in self.backbone.layers:
+            attention = layer.attention
+            weights.extend((attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight))
+        return torch.stack(weights)
+
+    def install_block1_attention_capture(self) -> None:
+        """Make block 1 run eager attention (for its probabilities) and every other block the current kernel."""
+        implementation = self.config._attn_implementation or "sdpa"
+        if not implementation.startswith(BLOCK1_EAGER_PREFIX):
+            self.set_attn_implementation(register_block1_eager_attention(implementation))
+        self.backbone.layers[0].attention._diverse_capture_probs = True
+
+    def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None) -> None:
+        """Raise a clear `ValueError` for images this model cannot take."""
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required: a (batch, channels, height, width) tensor of images.")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        channels, height, width = pixel_values.shape[1:]
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"The model expects {self.config.num_channels}-channel images but got {channels} channels. Convert "
+                "the images (e.g. PIL `image.convert('RGB')`) or build the model with a matching `num_channels`."
+            )
+        check_patch_grid(height, width, self.config.patch_size)
+        expected = self.config.image_size
+        expected = (expected, expected) if isinstance(expected, int) else tuple(expected)
+        if (height, width) != expected and not interpolate_pos_encoding:
+            raise ValueError(
+                f"The model was built for {expected[0]}x{expected[1]} images but got {height}x{width}. Resize the "
+                "images with the model's image processor, or pass `interpolate_pos_encoding=True`."
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_diversity_outputs: bool = False,
+        **kwargs: Any,
+    ) -> ImageClassifierOutput | DiverseImageClassifierOutput:
+        """Classify images; optionally also return the regularizers' inputs.
+
+        Args:
+            pixel_values: `(B, C, H, W)` images.
+            labels: `(B,)` class indices or `(B, num_labels)` soft targets. Soft targets use a soft-target
+                cross-entropy and never switch the config to multi-label (the stock forward would).
+            interpolate_pos_encoding: interpolate position embeddings for other image sizes.
+            return_diversity_outputs: also return `h^0`, pre-LayerNorm `h^L`, block-1 attention probabilities
+                and per-token logits (a `DiverseImageClassifierOutput`). Without it the forward is the stock one.
+        """
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        soft_labels = labels is not None and labels.is_floating_point()
+        if not return_diversity_outputs:
+            outputs = super().forward(
+                pixel_values,
+                labels=None if soft_labels else labels,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                **kwargs,
+            )
+            if soft_labels:
+                outputs.loss = soft_target_cross_entropy(outputs.logits, labels)
+            return outputs
+
+        unsupported = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+        if unsupported:
+            raise ValueError(
+                f"{unsupported} cannot be combined with `return_diversity_outputs=True`, which returns only the "
+                "tensors the regularizers need. Run a separate forward for full attentions/hidden states."
+            )
+        self.install_block1_attention_capture()
+        backbone = self.backbone
+        projection = backbone.embeddings.patch_embeddings.projection
+        first_hidden = backbone.embeddings(
+            pixel_values.to(projection.weight.dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding)
+        )
+        first_attention = backbone.layers[0].attention
+        sink: list[torch.Tensor] = []
+        first_attention._diverse_probs_sink = sink
+        try:
+            hidden = first_hidden
+            for layer in backbone.layers:
+                hidden = layer(hidden, None)
+        finally:
+            first_attention._diverse_probs_sink = None
+        token_logits = self.classifier(backbone.layernorm(hidden))
+        logits = token_logits[:, 0]
+        loss = None
+        if labels is not None:
+            loss = soft_target_cross_entropy(logits, labels)
+        return DiverseImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            first_hidden_state=first_hidden,
+            last_block_hidden_state=hidden,
+            first_block_attention_probs=sink[0],
+            token_logits=token_logits,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False, **kwargs: Any):
+        """Save a plain ViT/DeiT checkpoint: safetensors weights and a `config.json` naming the stock class.
+
+        With `push_to_hub=True` the folder is then uploaded through `push_to_hub` (same files).
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private") if k in kwargs}
+        super().save_pretrained(save_directory, *args, push_to_hub=False, **kwargs)
+        if kwargs.get("is_main_process", True):
+            config_path = Path(save_directory) / "config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config["architectures"] = [_stock_class_name(self)]
+            _atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            return self.push_to_hub(repo_id, **hub_kwargs)
+        return None
+
+
+class DiverseViTForImageClassification(DiverseModelMixin, ViTForImageClassification):
+    """`ViTForImageClassification` that can return the Diverse-ViT regularizers' inputs. One prefix token (CLS).
+
+    Loads any `model_type: vit` checkpoint (e.g. `facebook/deit-small-patch16-224`) and saves plain ones.
+    """
+
+    num_prefix_tokens = 1
+
+
+class DiverseDeiTForImageClassification(DiverseModelMixin, DeiTForImageClassification):
+    """`DeiTForImageClassification` that can return the regularizers' inputs. Two prefix tokens (CLS and
+    distillation); the image is classified from CLS as in the stock class. Saves plain DeiT checkpoints."""
+
+    num_prefix_tokens = 2
+
+
+DIVERSE_MODEL_CLASSES: dict[str, type[DiverseModelMixin]] = {
+    "vit": DiverseViTForImageClassification,
+    "deit": DiverseDeiTForImageClassification,
+}
+
+
+def diverse_model_class_for_config(config: PretrainedConfig) -> type[DiverseModelMixin]:
+    """The diverse classifier class for a ViT or DeiT config; a clear error for anything else."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in DIVERSE_MODEL_CLASSES:
+        raise ValueError(
+            f"Diverse-ViT supports ViT and DeiT models (config model_type 'vit' or 'deit'), but this checkpoint has "
+            f"model_type {model_type!r}. Pass a ViT/DeiT checkpoint such as facebook/deit-small-patch16-224."
+        )
+    return DIVERSE_MODEL_CLASSES[model_type]
+
+
+def load_diverse_model(name_or_path: str, **kwargs: Any) -> DiverseViTForImageClassification | DiverseDeiTForImageClassification:
+    """`from_pretrained` of the right diverse class for a ViT/DeiT checkpoint (Hub id or local folder).
+
+    Keyword arguments go to both `AutoConfig.from_pretrained` (config overrides such as `num_labels`,
+    `id2label`) and `from_pretrained` (e.g. `ignore_mismatched_sizes`, `dtype`).
+    """
+    config_keys = {"revision", "token", "cache_dir", "local_files_only"}
+    config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in config_keys})
+    model_class = diverse_model_class_for_config(config)
+    return model_class.from_pretrained(name_or_path, **kwargs)
+
+
+__all__ = [
+    "DIVERSE_MODEL_CLASSES",
+    "DiverseDeiTForImageClassification",
+    "DiverseImageClassifierOutput",
+    "DiverseViTForImageClassification",
+    "diverse_model_class_for_config",
+    "eager_attention_with_probs",
+    "load_diverse_model",
+    "register_block1_eager_attention",
+]

@@ -1,0 +1,321 @@
+"""The Diverse-ViT regularizers as pure tensor functions.
+
+Every function:
+- computes in float32 with autocast disabled, whatever the input dtype (bf16/fp16 forwards included),
+  and returns a float32 scalar;
+- is differentiable and never produces NaN for all-zero vectors (`u(x) = x / max(||x||, 1e-8)`);
+- uses the O(P*D) closed forms of `shared/method.md` where they exist, never a P x P Gram matrix.
+
+Notation: B batch, N = K + P tokens (K prefix tokens: CLS, plus the distillation token for DeiT), D hidden
+size, H heads, C classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .configuration import PATCH_COSINE_VARIANTS, WEIGHT_ESTIMATORS
+
+NORM_EPS = 1e-8
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """`x / max(||x||_2, 1e-8)` along the last axis, safe (and with finite gradient) for zero vectors."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _no_autocast(tensor: torch.Tensor) -> torch.autocast:
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def _patch_tokens(hidden_states: torch.Tensor, num_prefix_tokens: int, name: str, min_patches: int) -> torch.Tensor:
+    if hidden_states.ndim != 3:
+        raise ValueError(
+            f"`{name}` must have shape (batch, tokens, hidden), got a {hidden_states.ndim}-d tensor of shape "
+            f"{tuple(hidden_states.shape)}."
+        )
+    if num_prefix_tokens < 0:
+        raise ValueError(f"`num_prefix_tokens` must be >= 0, got {num_prefix_tokens}.")
+    num_patches = hidden_states.shape[1] - num_prefix_tokens
+    if num_patches < min_patches:
+        raise ValueError(
+            f"`{name}` has {hidden_states.shape[1]} tokens of which {num_prefix_tokens} are prefix tokens, leaving "
+            f"{num_patches} patch tokens; this loss needs at least {min_patches}. Use a larger image or smaller patches."
+        )
+    return hidden_states[:, num_prefix_tokens:].float()
+
+
+def patch_cosine_loss(
+    hidden_states: torch.Tensor, num_prefix_tokens: int = 1, variant: str = "signed"
+) -> torch.Tensor:
+    """Within-layer patch cosine similarity (method 1a), applied to the last block's output.
+
+    `variant="signed"` (released code): mean of the full P x P signed cosine Gram matrix, diagonal included,
+    computed as `||mean_i u(h_i)||^2` in O(P*D). `variant="gong"` (Gong et al. 2021): mean absolute cosine over
+    the P*(P-1) off-diagonal pairs (needs the Gram matrix, O(P^2*D)).
+
+    Args:
+        hidden_states: `(B, N, D)` token embeddings (pre-LayerNorm output of the last block, `h^L`).
+        num_prefix_tokens: K, the number of leading non-patch tokens to drop (1 for ViT, 2 for DeiT).
+        variant: `"signed"` or `"gong"`.
+
+    Returns:
+        Float32 scalar, averaged over the batch.
+    """
+    if variant not in PATCH_COSINE_VARIANTS:
+        raise ValueError(f"`variant` must be one of {PATCH_COSINE_VARIANTS}, got {variant!r}.")
+    with _no_autocast(hidden_states):
+        min_patches = 2 if variant == "gong" else 1
+        u = _unit(_patch_tokens(hidden_states, num_prefix_tokens, "hidden_states", min_patches))
+        if variant == "signed":
+            mean_direction = u.mean(dim=1)  # (B, D)
+            return mean_direction.pow(2).sum(dim=-1).mean()
+        num_patches = u.shape[1]
+        gram = torch.bmm(u, u.transpose(1, 2)).abs()  # (B, P, P)
+        off_diagonal = gram.sum(dim=(1, 2)) - torch.diagonal(gram, dim1=1, dim2=2).sum(dim=-1)
+        return (off_diagonal / (num_patches * (num_patches - 1))).mean()
+
+
+def patch_contrastive_loss(
+    first_hidden: torch.Tensor,
+    last_hidden: torch.Tensor,
+    num_prefix_tokens: int = 1,
+    detach_first: bool = False,
+) -> torch.Tensor:
+    """Cross-layer patch contrastive loss (method 1b).
+
+    With `a_i = u(h^0_i)`, `c_j = u(h^L_j)` and `s_ij = a_i . c_j` over patch tokens of one image:
+    `pos_i = s_ii`, `neg_i = sum_{j != i} s_ij / (P - 1)` and the loss is
+    `mean_{b,i} softplus(neg_i - pos_i)` (= `-log(e^pos / (e^pos + e^neg))`, temperature 1). The row sums use
+    `sum_j s_ij = a_i . sum_j c_j`, so the cost is O(P*D).
+
+    Args:
+        first_hidden: `(B, N, D)` tokens entering block 1 (`h^0`: patch + position embeddings, after dropout).
+        last_hidden: `(B, N, D)` pre-LayerNorm output of the last block (`h^L`).
+        num_prefix_tokens: K, leading non-patch tokens to drop.
+        detach_first: stop the gradient through `h^0` (Gong et al.); the released code does not.
+
+    Returns:
+        Float32 scalar.
+    """
+    if first_hidden.shape != last_hidden.shape:
+        raise ValueError(
+            f"`first_hidden` {tuple(first_hidden.shape)} and `last_hidden` {tuple(last_hidden.shape)} must have the "
+            "same (batch, tokens, hidden) shape."
+        )
+    with _no_autocast(last_hidden):
+        a = _unit(_patch_tokens(first_hidden, num_prefix_tokens, "first_hidden", 2))
+        c = _unit(_patch_tokens(last_hidden, num_prefix_tokens, "last_hidden", 2))
+        if detach_first:
+            a = a.detach()
+        num_patches = a.shape[1]
+        positive = (a * c).sum(dim=-1)  # (B, P)
+        row_sum = (a * c.sum(dim=1, keepdim=True)).sum(dim=-1)  # (B, P): sum_j s_ij
+        negative = (row_sum - positive) / (num_patches - 1)
+        return F.softplus(negative - positive).mean()
+
+
+def attention_cosine_loss(attention_probs: torch.Tensor) -> torch.Tensor:
+    """Cross-head attention cosine similarity (method 2), on block 1's attention maps.
+
+    Each head's map is flattened to a vector of N^2 numbers; the loss is the mean cosine over all H x H
+    head pairs (diagonal included), `||mean_h u(vec A_h)||^2`, averaged over the batch.
+
+    Args:
+        attention_probs: `(B, H, N, N)` softmax attention probabilities (before attention dropout).
+
+    Returns:
+        Float32 scalar.
+    """
+    if attention_probs.ndim != 4:
+        raise ValueError(
+            "`attention_probs` must have shape (batch, heads, tokens, tokens), got shape "
+            f"{tuple(attention_probs.shape)}."
+        )
+    with _no_autocast(attention_probs):
+        maps = _unit(attention_probs.float().flatten(start_dim=2))  # (B, H, N*N)
+        return maps.mean(dim=1).pow(2).sum(dim=-1).mean()
+
+
+@dataclass
+class PowerIterationState:
+    """Normalised power-iteration vectors carried across training steps, one pair per matrix.
+
+    Used by `weight_condition_loss(..., state=...)` the way `torch.nn.utils.spectral_norm` keeps its `u`:
+    a few mat-vecs per step refine the previous estimate instead of restarting from noise.
+
+    Attributes:
+        max_vectors: `(M, D_out)` estimates of the top eigenvector of `W W^T` per matrix, or None before the
+            first call.
+        min_vectors: `(M, D_out)` estimates of the bottom eigenvector, or None before the first call.
+    """
+
+    max_vectors: torch.Tensor | None = None
+    min_vectors: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        return {"max_vectors": self.max_vectors, "min_vectors": self.min_vectors}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        self.max_vectors = state["max_vectors"]
+        self.min_vectors = state["min_vectors"]
+
+
+def _rayleigh(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """`v^T A v / v^T v` for a batch: matrix `(M, D, D)`, vector `(M, D)` -> `(M,)`."""
+    av = torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1)
+    return (vector * av).sum(-1) / (vector * vector).sum(-1).clamp_min(NORM_EPS)
+
+
+def _power_steps(matrix: torch.Tensor, vector: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` normalised power-iteration steps; normalising leaves the Rayleigh quotient unchanged."""
+    for _ in range(steps):
+        vector = _unit(torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1))
+    return vector
+
+
+def weight_condition_loss(
+    weight: torch.Tensor,
+    estimator: str = "power",
+    num_iterations: int = 1,
+    state: PowerIterationState | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Condition-number orthogonality loss (method 3): `sum_W (lambda_max(W W^T) - lambda_min(W W^T))^2`.
+
+    Pass one matrix or a stack of them (e.g. the Q, K and V weights of all blocks at once); the result is the
+    sum over the stack.
+
+    Estimators:
+    - `"power"` without `state` (released code): from a fresh `x ~ U[0,1)^D`, `num_iterations` power steps
+      then a Rayleigh quotient (for 1 step this is `x^T M^3 x / x^T M^2 x`, `M = W W^T`); `lambda_min` by the
+      same estimate on `M - lambda_max I`, plus `lambda_max`. Gradients flow through the whole estimate.
+    - `"power"` with a `PowerIterationState`: the iteration starts from the stored vectors and runs without
+      gradient (as `spectral_norm`), the state is updated in place, and the eigenvalues are Rayleigh
+      quotients of `M` at the refined vectors, differentiable in `W`.
+    - `"exact"`: squared extreme singular values from `torch.linalg.svdvals`.
+
+    Args:
+        weight: `(D_out, D_in)` or `(M, D_out, D_in)` weight matrices (`nn.Linear.weight` layout).
+        estimator: `"power"` or `"exact"`.
+        num_iterations: power-iteration steps per call (>= 1).
+        state: persistent vectors for `estimator="power"`; None reproduces the released behaviour.
+        generator: random generator for the starting vectors (on `weight.device`); None uses the global one.
+
+    Returns:
+        Float32 scalar.
+    """
+    if estimator not in WEIGHT_ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {WEIGHT_ESTIMATORS}, got {estimator!r}.")
+    if num_iterations < 1:
+        raise ValueError(f"`num_iterations` must be >= 1, got {num_iterations}.")
+    if weight.ndim not in (2, 3):
+        raise ValueError(
+            f"`weight` must be one matrix (D_out, D_in) or a stack (M, D_out, D_in), got shape {tuple(weight.shape)}."
+        )
+    with _no_autocast(weight):
+        w = weight.float()
+        if w.ndim == 2:
+            w = w.unsqueeze(0)
+        num_matrices, d_out, d_in = w.shape
+        if estimator == "exact":
+            singular = torch.linalg.svdvals(w)  # (M, min(d_out, d_in)), descending
+            lam_max = singular[:, 0].pow(2)
+            # W W^T is d_out x d_out with rank <= d_in: its smallest eigenvalue is 0 when d_out > d_in.
+            lam_min = singular[:, -1].pow(2) if d_out <= d_in else torch.zeros_like(lam_max)
+            return (lam_max - lam_min).pow(2).sum()
+
+        gram = torch.bmm(w, w.transpose(1, 2))  # (M, d_out, d_out)
+        eye = torch.eye(d_out, device=w.device, dtype=w.dtype)
+        if state is None:
+            x = torch.rand(num_matrices, d_out, device=w.device, generator=generator)
+            lam_max = _rayleigh(gram, _power_steps(gram, x, num_iterations))
+            shifted = gram - lam_max[:, None, None] * eye
+            y = torch.rand(num_matrices, d_out, device=w.device, generator=generator)
+            lam_min = _rayleigh(shifted, _power_steps(shifted, y, num_iterations)) + lam_max
+            return (lam_max - lam_min).pow(2).sum()
+
+        expected = (num_matrices, d_out)
+        for name in ("max_vectors", "min_vectors"):
+            stored = getattr(state, name)
+            if stored is None:
+                start = torch.rand(expected, device=w.device, generator=generator)
+                setattr(state, name, _unit(start))
+            elif tuple(stored.shape) != expected:
+                raise ValueError(
+                    f"The PowerIterationState holds {name} of shape {tuple(stored.shape)} but the weights need "
+                    f"{expected}: one state serves one fixed stack of matrices. Create a new PowerIterationState."
+                )
+        with torch.no_grad():
+            gram_detached = gram.detach()
+            state.max_vectors = _power_steps(gram_detached, state.max_vectors.to(w.device), num_iterations)
+            shift = _rayleigh(gram_detached, state.max_vectors)
+            shifted = gram_detached - shift[:, None, None] * eye
+            state.min_vectors = _power_steps(shifted, state.min_vectors.to(w.device), num_iterations)
+        lam_max = _rayleigh(gram, state.max_vectors)
+        lam_min = _rayleigh(gram, state.min_vectors)
+        return (lam_max - lam_min).pow(2).sum()
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `(R, C)` logits against `(R, C)` probability targets or `(R,)` class indices."""
+    with _no_autocast(logits):
+        return F.cross_entropy(logits.float(), targets.float() if targets.is_floating_point() else targets)
+
+
+def patch_mixing_loss(
+    token_logits: torch.Tensor,
+    targets: torch.Tensor,
+    patch_targets: torch.Tensor,
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Patch-wise mixing loss (method 1c): `(CE(z_CLS, y) + sum_p CE(z_p, y_p)) / (1 + P)`, mean over the batch.
+
+    One fused cross-entropy over the `B * (1 + P)` rows. Prefix tokens other than CLS (DeiT's distillation
+    token) are not part of the loss.
+
+    Args:
+        token_logits: `(B, N, C)` classifier logits of every token; token 0 is CLS, tokens `K:` are patches.
+        targets: `(B, C)` image-level (mixed, smoothed) probabilities, or `(B,)` class indices.
+        patch_targets: `(B, P, C)` per-patch probabilities, or `(B, P)` class indices.
+        num_prefix_tokens: K.
+
+    Returns:
+        Float32 scalar.
+    """
+    if token_logits.ndim != 3:
+        raise ValueError(f"`token_logits` must have shape (batch, tokens, classes), got {tuple(token_logits.shape)}.")
+    batch, tokens, classes = token_logits.shape
+    num_patches = tokens - num_prefix_tokens
+    soft = targets.is_floating_point()
+    expected_targets = (batch, classes) if soft else (batch,)
+    expected_patch = (batch, num_patches, classes) if soft else (batch, num_patches)
+    if tuple(targets.shape) != expected_targets or tuple(patch_targets.shape) != expected_patch:
+        raise ValueError(
+            f"With token_logits of shape {tuple(token_logits.shape)} and {num_prefix_tokens} prefix token(s), "
+            f"`targets` must have shape {expected_targets} and `patch_targets` {expected_patch}; got "
+            f"{tuple(targets.shape)} and {tuple(patch_targets.shape)}."
+        )
+    if patch_targets.is_floating_point() != soft:
+        raise ValueError("`targets` and `patch_targets` must both be probabilities or both be class indices.")
+    if num_prefix_tokens == 1:
+        logits = token_logits
+    else:
+        logits = torch.cat([token_logits[:, :1], token_logits[:, num_prefix_tokens:]], dim=1)
+    all_targets = torch.cat([targets.unsqueeze(1), patch_targets], dim=1)  # (B, 1 + P[, C])
+    flat_targets = all_targets.reshape(-1, classes) if soft else all_targets.reshape(-1)
+    return soft_target_cross_entropy(logits.reshape(-1, classes), flat_targets)
+
+
+__all__ = [
+    "PowerIterationState",
+    "attention_cosine_loss",
+    "patch_contrastive_loss",
+    "patch_cosine_loss",
+    "patch_mixing_loss",
+    "soft_target_cross_entropy",
+    "weight_condition_loss",
+]

