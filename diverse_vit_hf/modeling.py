@@ -114,7 +114,8 @@ def _stock_class_name(model: nn.Module) -> str:
     raise TypeError(f"{type(model).__name__} has no transformers base class.")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and `os.replace`: readers see the old or the new file, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -260,7 +261,7 @@ class DiverseModelMixin:
             config_path = Path(save_directory) / "config.json"
             config = json.loads(config_path.read_text(encoding="utf-8"))
             config["architectures"] = [_stock_class_name(self)]
-            _atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             return self.push_to_hub(repo_id, **hub_kwargs)

@@ -14,6 +14,7 @@ With all coefficients 0, mixing off and the patch mixing loss off, `compute_loss
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 
 from .configuration import DiversityConfig
 from .mixing import PatchMixupCutmix, smoothed_one_hot
-from .modeling import DiverseModelMixin
+from .modeling import DiverseModelMixin, atomic_write_text
 from .regularizers import (
     PowerIterationState,
     attention_cosine_loss,
@@ -176,6 +177,16 @@ class DiverseTrainer(Trainer):
             value = value.detach().float()
             self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
         self._term_count += 1
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Stock save, but the training arguments go to `training_args.json` (tokens redacted by
+        `TrainingArguments.to_json_string`) instead of a pickled `training_args.bin`: model folders hold no pickle."""
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        atomic_write_text(folder / "training_args.json", self.args.to_json_string())
+        (folder / "training_args.bin").unlink(missing_ok=True)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add each loss term, averaged over the micro-batches since the last training log, then log."""
