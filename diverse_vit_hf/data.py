@@ -7,12 +7,17 @@ column detection, lazy torchvision transforms via `set_transform`, and a collato
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_from_disk
 from PIL import Image as PILImage
 from torchvision.transforms import v2 as T
 
@@ -64,11 +69,40 @@ EMBEDDED_DATASETS: dict[str, Callable[[], Dataset]] = {
 }
 
 
-def load_embedded_dataset(name: str) -> Dataset:
-    """Load one of the embedded offline data sets by name (`mnist`, `digits`, `lfw`)."""
+CACHE_VERSION = 1
+
+
+def embedded_cache_dir() -> Path:
+    """Where built embedded datasets are kept: `$DIVERSE_VIT_CACHE`, else under the `datasets` cache."""
+    default = Path(datasets.config.HF_DATASETS_CACHE) / "diverse_vit_hf"
+    return Path(os.environ.get("DIVERSE_VIT_CACHE", default))
+
+
+def load_embedded_dataset(name: str, cache: bool = True) -> Dataset:
+    """Load one of the embedded offline data sets by name (`mnist`, `digits`, `lfw`).
+
+    The first call encodes the images and saves the dataset (Arrow, memory-mapped) to `embedded_cache_dir()`;
+    later calls load it from there. The folder appears atomically (built in a temporary folder, then renamed).
+    """
     if name not in EMBEDDED_DATASETS:
         raise ValueError(f"Unknown embedded dataset {name!r}; choose one of {sorted(EMBEDDED_DATASETS)}.")
-    return EMBEDDED_DATASETS[name]()
+    if not cache:
+        return EMBEDDED_DATASETS[name]()
+    folder = embedded_cache_dir() / f"{name}-v{CACHE_VERSION}"
+    if folder.is_dir():
+        return load_from_disk(str(folder))
+    dataset = EMBEDDED_DATASETS[name]()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        dataset.save_to_disk(str(staging))
+        os.replace(staging, folder)
+    except OSError:
+        if not folder.is_dir():  # a concurrent process winning the rename is fine; anything else is not
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_from_disk(str(folder))
 
 
 def resolve_columns(
@@ -99,17 +133,39 @@ def resolve_columns(
 
 
 def ensure_class_labels(dataset: Dataset | DatasetDict, label_column: str) -> Dataset | DatasetDict:
-    """Encode a string/int label column as `ClassLabel` so class names reach `id2label`."""
-    sample = dataset[next(iter(dataset))] if isinstance(dataset, DatasetDict) else dataset
-    feature = sample.features[label_column]
+    """Encode a string/int label column as one `ClassLabel` shared by every split, so class names reach
+    `id2label` and an index means the same class in training and evaluation (even when a split lacks a class)."""
+    splits = dict(dataset) if isinstance(dataset, DatasetDict) else {"": dataset}
+    feature = next(iter(splits.values())).features[label_column]
     if isinstance(feature, ClassLabel):
         return dataset
-    if not isinstance(feature, Value) or feature.dtype not in ("string", "large_string", "int8", "int16", "int32", "int64"):
+    if not isinstance(feature, Value) or feature.dtype not in (
+        "string",
+        "large_string",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+    ):
         raise ValueError(
             f"The label column {label_column!r} has type {feature}; single-label image classification needs one "
             "class index or class name per image."
         )
-    return dataset.class_encode_column(label_column)
+    values = sorted({value for split in splits.values() for value in split.unique(label_column)})
+    index = {value: i for i, value in enumerate(values)}
+    class_label = ClassLabel(names=[str(value) for value in values])
+
+    def encode(split: Dataset) -> Dataset:
+        features = split.features.copy()
+        features[label_column] = class_label
+        return split.map(
+            lambda batch: {label_column: [index[value] for value in batch[label_column]]},
+            batched=True,
+            features=features,
+        )
+
+    encoded = {name: encode(split) for name, split in splits.items()}
+    return DatasetDict(encoded) if isinstance(dataset, DatasetDict) else encoded[""]
 
 
 def class_names(dataset: Dataset, label_column: str) -> list[str]:
@@ -145,8 +201,10 @@ def build_image_transform(
     finish = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
     if not train or augmentation == "none":
         if augmentation == "deit":
-            resize = [T.Resize(int(round(size[0] / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(size)]
+            resize = [
+                T.Resize(round(size[0] / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(size),
+            ]
         else:
             resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
         return T.Compose([to_rgb, *resize, *finish])

@@ -38,8 +38,12 @@ class MixedBatch:
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """`(B,)` class indices -> `(B, num_classes)` float32 targets: `1 - smoothing + smoothing/C` on the label."""
     if labels.ndim != 1 or labels.is_floating_point():
-        raise ValueError(f"`labels` must be a 1-d tensor of class indices, got dtype {labels.dtype} shape {tuple(labels.shape)}.")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"`labels` must be a 1-d tensor of class indices, got dtype {labels.dtype} shape {tuple(labels.shape)}."
+        )
+    # The range check reads the values on the host: free for CPU tensors, a sync on accelerators, where an
+    # out-of-range label is instead caught once per dataset (DiverseTrainer checks the label feature).
+    if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"Labels must lie in [0, {num_classes - 1}] for a model with {num_classes} classes; got values in "
             f"[{int(labels.min())}, {int(labels.max())}]. Check the dataset's label column and the model's num_labels."
@@ -49,7 +53,9 @@ def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 
     return targets.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
 
 
-def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def cutmix_box(
+    height: int, width: int, lam: float, generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
     """Random box covering about `1 - lam` of an image (timm's `rand_bbox`), clipped to the image.
 
     Returns:
@@ -178,7 +184,9 @@ class PatchMixupCutmix:
             A `MixedBatch`; the input tensors are not modified.
         """
         if pixel_values.ndim != 4:
-            raise ValueError(f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}.")
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
         batch, _, height, width = pixel_values.shape
         if labels.shape != (batch,):
             raise ValueError(f"`labels` must have shape ({batch},) to match the images, got {tuple(labels.shape)}.")

@@ -223,6 +223,9 @@ class DiverseModelMixin:
             )
         self.install_block1_attention_capture()
         backbone = self.backbone
+        # Reentrant activation checkpointing runs the forward under no_grad, which would detach the captured
+        # probabilities (the recompute cannot hand them back): block 1 is never checkpointed, the rest may be.
+        backbone.layers[0].gradient_checkpointing = False
         projection = backbone.embeddings.patch_embeddings.projection
         first_hidden = backbone.embeddings(
             pixel_values.to(projection.weight.dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding)
@@ -301,7 +304,9 @@ def diverse_model_class_for_config(config: PretrainedConfig) -> type[DiverseMode
     return DIVERSE_MODEL_CLASSES[model_type]
 
 
-def load_diverse_model(name_or_path: str, **kwargs: Any) -> DiverseViTForImageClassification | DiverseDeiTForImageClassification:
+def load_diverse_model(
+    name_or_path: str, **kwargs: Any
+) -> DiverseViTForImageClassification | DiverseDeiTForImageClassification:
     """`from_pretrained` of the right diverse class for a ViT/DeiT checkpoint (Hub id or local folder).
 
     Keyword arguments go to both `AutoConfig.from_pretrained` (config overrides such as `num_labels`,

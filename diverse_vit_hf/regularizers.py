@@ -43,14 +43,13 @@ def _patch_tokens(hidden_states: torch.Tensor, num_prefix_tokens: int, name: str
     if num_patches < min_patches:
         raise ValueError(
             f"`{name}` has {hidden_states.shape[1]} tokens of which {num_prefix_tokens} are prefix tokens, leaving "
-            f"{num_patches} patch tokens; this loss needs at least {min_patches}. Use a larger image or smaller patches."
+            f"{num_patches} patch tokens; this loss needs at least {min_patches}. Use a larger image or smaller "
+            "patches."
         )
     return hidden_states[:, num_prefix_tokens:].float()
 
 
-def patch_cosine_loss(
-    hidden_states: torch.Tensor, num_prefix_tokens: int = 1, variant: str = "signed"
-) -> torch.Tensor:
+def patch_cosine_loss(hidden_states: torch.Tensor, num_prefix_tokens: int = 1, variant: str = "signed") -> torch.Tensor:
     """Within-layer patch cosine similarity (method 1a), applied to the last block's output.
 
     `variant="signed"` (released code): mean of the full P x P signed cosine Gram matrix, diagonal included,
@@ -164,17 +163,39 @@ class PowerIterationState:
         self.min_vectors = state["min_vectors"]
 
 
-def _rayleigh(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """`v^T A v / v^T v` for a batch: matrix `(M, D, D)`, vector `(M, D)` -> `(M,)`."""
-    av = torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1)
-    return (vector * av).sum(-1) / (vector * vector).sum(-1).clamp_min(NORM_EPS)
+class _ShiftedGram:
+    """`v -> (W W^T - shift I) v` for a stack of matrices without forming `W W^T`: O(D^2), not O(D^3)."""
+
+    def __init__(self, weight: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+        self.weight = weight  # (M, d_out, d_in)
+        self.shift = shift  # (M,) or None
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        product = torch.bmm(self.weight, torch.bmm(self.weight.transpose(1, 2), vector.unsqueeze(-1))).squeeze(-1)
+        return product if self.shift is None else product - self.shift[:, None] * vector
+
+    def rayleigh(self, vector: torch.Tensor) -> torch.Tensor:
+        """`v^T A v / v^T v` per matrix, with `v^T W W^T v = ||W^T v||^2`: `(M, d_out) -> (M,)`."""
+        projected = torch.bmm(self.weight.transpose(1, 2), vector.unsqueeze(-1)).squeeze(-1)
+        squared_norm = (vector * vector).sum(-1)
+        numerator = projected.pow(2).sum(-1)
+        if self.shift is not None:
+            numerator = numerator - self.shift * squared_norm
+        return numerator / squared_norm.clamp_min(NORM_EPS)
+
+    def power_steps(self, vector: torch.Tensor, steps: int) -> torch.Tensor:
+        """`steps` normalised power-iteration steps (normalising leaves the Rayleigh quotient unchanged)."""
+        for _ in range(steps):
+            vector = _unit(self(vector))
+        return vector
 
 
-def _power_steps(matrix: torch.Tensor, vector: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` normalised power-iteration steps; normalising leaves the Rayleigh quotient unchanged."""
-    for _ in range(steps):
-        vector = _unit(torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1))
-    return vector
+def _restart_vanished(vectors: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Replace iteration vectors that collapsed to zero (e.g. after an all-zero matrix, where `M v = 0`) by fresh
+    random unit vectors, so the estimate recovers instead of staying at 0 forever. No host sync."""
+    fresh = _unit(torch.rand(vectors.shape, device=vectors.device, generator=generator))
+    vanished = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True) < 0.5  # live vectors have norm 1
+    return torch.where(vanished, fresh, vectors)
 
 
 def weight_condition_loss(
@@ -228,14 +249,13 @@ def weight_condition_loss(
             lam_min = singular[:, -1].pow(2) if d_out <= d_in else torch.zeros_like(lam_max)
             return (lam_max - lam_min).pow(2).sum()
 
-        gram = torch.bmm(w, w.transpose(1, 2))  # (M, d_out, d_out)
-        eye = torch.eye(d_out, device=w.device, dtype=w.dtype)
+        gram = _ShiftedGram(w)  # M = W W^T, applied matrix-free
         if state is None:
             x = torch.rand(num_matrices, d_out, device=w.device, generator=generator)
-            lam_max = _rayleigh(gram, _power_steps(gram, x, num_iterations))
-            shifted = gram - lam_max[:, None, None] * eye
+            lam_max = gram.rayleigh(gram.power_steps(x, num_iterations))
+            shifted = _ShiftedGram(w, shift=lam_max)
             y = torch.rand(num_matrices, d_out, device=w.device, generator=generator)
-            lam_min = _rayleigh(shifted, _power_steps(shifted, y, num_iterations)) + lam_max
+            lam_min = shifted.rayleigh(shifted.power_steps(y, num_iterations)) + lam_max
             return (lam_max - lam_min).pow(2).sum()
 
         expected = (num_matrices, d_out)
@@ -250,13 +270,17 @@ def weight_condition_loss(
                     f"{expected}: one state serves one fixed stack of matrices. Create a new PowerIterationState."
                 )
         with torch.no_grad():
-            gram_detached = gram.detach()
-            state.max_vectors = _power_steps(gram_detached, state.max_vectors.to(w.device), num_iterations)
-            shift = _rayleigh(gram_detached, state.max_vectors)
-            shifted = gram_detached - shift[:, None, None] * eye
-            state.min_vectors = _power_steps(shifted, state.min_vectors.to(w.device), num_iterations)
-        lam_max = _rayleigh(gram, state.max_vectors)
-        lam_min = _rayleigh(gram, state.min_vectors)
+            detached = _ShiftedGram(w.detach())
+            state.max_vectors = _restart_vanished(
+                detached.power_steps(state.max_vectors.to(w.device), num_iterations), generator
+            )
+            shifted = _ShiftedGram(w.detach(), shift=detached.rayleigh(state.max_vectors))
+            state.min_vectors = _restart_vanished(
+                shifted.power_steps(state.min_vectors.to(w.device), num_iterations), generator
+            )
+        # v^T (M - s I) v / v^T v + s = v^T M v / v^T v: both eigenvalues are Rayleigh quotients of M itself.
+        lam_max = gram.rayleigh(state.max_vectors)
+        lam_min = gram.rayleigh(state.min_vectors)
         return (lam_max - lam_min).pow(2).sum()
 
 
@@ -288,6 +312,10 @@ def patch_mixing_loss(
     """
     if token_logits.ndim != 3:
         raise ValueError(f"`token_logits` must have shape (batch, tokens, classes), got {tuple(token_logits.shape)}.")
+    if num_prefix_tokens < 1:
+        raise ValueError(
+            f"patch_mixing_loss needs the CLS token at position 0 (num_prefix_tokens >= 1), got {num_prefix_tokens}."
+        )
     batch, tokens, classes = token_logits.shape
     num_patches = tokens - num_prefix_tokens
     soft = targets.is_floating_point()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import ClassLabel
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -60,6 +61,18 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
             raise ValueError(f"`label_smoothing_factor` must lie in [0, 1), got {self.label_smoothing_factor}.")
 
 
+def check_label_space(dataset: Any, num_labels: int) -> None:
+    """Refuse a dataset whose `ClassLabel` has more classes than the model has outputs (checked once, up front,
+    instead of per batch on the device)."""
+    features = getattr(dataset, "features", None) or {}
+    for name, feature in features.items():
+        if isinstance(feature, ClassLabel) and feature.num_classes > num_labels:
+            raise ValueError(
+                f"The dataset's label column {name!r} has {feature.num_classes} classes but the model has "
+                f"num_labels={num_labels}. Build the model with num_labels={feature.num_classes} (and id2label)."
+            )
+
+
 class DiverseTrainer(Trainer):
     """`Trainer` whose loss adds the three levels of diversity regularizers and patch-level mixing.
 
@@ -97,6 +110,8 @@ class DiverseTrainer(Trainer):
                 prob=args.mix_prob,
                 label_smoothing=args.label_smoothing_factor,
             )
+        for dataset in (self.train_dataset, self.eval_dataset):
+            check_label_space(dataset, unwrapped.config.num_labels)
         self.power_state = PowerIterationState() if args.power_persistent else None
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
@@ -194,7 +209,7 @@ class DiverseTrainer(Trainer):
             names = sorted(self._term_sums)
             means = torch.stack([self._term_sums[n] for n in names]) / self._term_count
             means = self.accelerator.reduce(means, reduction="mean")
-            logs.update(zip(names, means.tolist()))
+            logs.update(zip(names, means.tolist(), strict=True))
             self._term_sums, self._term_count = {}, 0
         super().log(logs, start_time)
 

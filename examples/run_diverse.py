@@ -204,7 +204,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     logger.info(
         "%d training / %d evaluation images, %d classes, %dx%d px, patch %s, augmentation=%s",
-        len(train), len(evaluation), len(labels), height, width, model.config.patch_size, augmentation,
+        len(train),
+        len(evaluation),
+        len(labels),
+        height,
+        width,
+        model.config.patch_size,
+        augmentation,
     )
     logger.info("Diversity settings: %s", json.dumps(training_args.diversity_dict()))
 
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         terms = [entry for entry in trainer.state.log_history if "loss_cls" in entry]
         if terms:
             last = terms[-1]
-            print("\nLoss terms at the last logging step (step %d):" % last["step"])
+            print(f"\nLoss terms at the last logging step (step {last['step']}):")
             for name in sorted(k for k in last if k.startswith("loss")):
                 print(f"  {name:<24} {last[name]:.6f}")
         print(f"\nValidation top-1 accuracy: {metrics['eval_top1']:.4f}")

@@ -16,10 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_diverse.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 FAST = [
-    "--max_train_samples", "256", "--max_eval_samples", "64", "--num_train_epochs", "1",
-    "--hidden_size", "32", "--num_hidden_layers", "2", "--logging_steps", "2", "--disable_tqdm", "true",
+    "--max_train_samples",
+    "256",
+    "--max_eval_samples",
+    "64",
+    "--num_train_epochs",
+    "1",
+    "--hidden_size",
+    "32",
+    "--num_hidden_layers",
+    "2",
+    "--logging_steps",
+    "2",
+    "--disable_tqdm",
+    "true",
     "--use_cpu",
-]  # fmt: skip
+]
 
 
 def load_script():
@@ -52,12 +64,27 @@ print(json.dumps({
 @pytest.mark.slow
 def test_accelerate_launch_trains_evaluates_and_saves_a_vanilla_checkpoint(tmp_path):
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", str(SCRIPT),
-               "--output_dir", str(output), *FAST]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        str(SCRIPT),
+        "--output_dir",
+        str(output),
+        *FAST,
+    ]
     run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for term in ("loss_cls", "loss_patch_cosine", "loss_patch_contrastive", "loss_attention_cosine",
-                 "loss_weight_condition"):  # fmt: skip
+    for term in (
+        "loss_cls",
+        "loss_patch_cosine",
+        "loss_patch_contrastive",
+        "loss_attention_cosine",
+        "loss_weight_condition",
+    ):
         assert term in run.stdout, f"{term} not printed"
     assert "Validation top-1 accuracy:" in run.stdout
     config = json.loads((output / "config.json").read_text())
@@ -68,8 +95,9 @@ def test_accelerate_launch_trains_evaluates_and_saves_a_vanilla_checkpoint(tmp_p
     eval_metrics = json.loads((output / "eval_results.json").read_text())
     assert 0.0 <= eval_metrics["eval_top1"] <= eval_metrics["eval_top5"] <= 1.0
 
-    check = subprocess.run([sys.executable, "-c", VANILLA_CHECK, str(output)], env=ENV, capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
+    check = subprocess.run(
+        [sys.executable, "-c", VANILLA_CHECK, str(output)], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert check.returncode == 0, check.stderr[-3000:]
     result = json.loads(check.stdout.strip().splitlines()[-1])
     assert result["class"] == "ViTForImageClassification"
@@ -104,10 +132,16 @@ def test_non_vit_model_is_rejected_with_a_clear_message(tmp_path):
     resnet = tmp_path / "resnet"
     ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).save_pretrained(resnet)
     module = load_script()
-    with pytest.raises(ValueError, match="model_type 'vit' or 'deit'.*'resnet'"):
+    with pytest.raises(ValueError, match=r"model_type 'vit' or 'deit'.*'resnet'"):
         module.main(["--model", str(resnet), "--output_dir", str(tmp_path / "out"), *FAST])
-    run = subprocess.run([sys.executable, str(SCRIPT), "--model", str(resnet), "--output_dir", str(tmp_path / "o")],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(resnet), "--output_dir", str(tmp_path / "o")],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2
     assert "resnet" in run.stderr and "Traceback" not in run.stderr
 
@@ -140,5 +174,14 @@ def test_bad_flags_are_reported(tmp_path, flags, fragment):
 def test_single_image_batches_with_mixing_are_refused(tmp_path):
     module = load_script()
     with pytest.raises(ValueError, match="--no_mixing"):
-        module.main(["--output_dir", str(tmp_path / "out"), *FAST, "--per_device_train_batch_size", "1",
-                     "--max_train_samples", "4"])  # fmt: skip
+        module.main(
+            [
+                "--output_dir",
+                str(tmp_path / "out"),
+                *FAST,
+                "--per_device_train_batch_size",
+                "1",
+                "--max_train_samples",
+                "4",
+            ]
+        )

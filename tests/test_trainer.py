@@ -18,7 +18,6 @@ from diverse_vit_hf import (
     patch_contrastive_loss,
     patch_cosine_loss,
     patch_mixing_loss,
-    weight_condition_loss,
 )
 from diverse_vit_hf.data import collate_image_batch
 from diverse_vit_hf.mixing import PatchMixupCutmix
@@ -110,8 +109,11 @@ def test_loss_equals_hand_summed_terms_from_stock_model(tmp_path):
     all_targets = torch.cat([mixed.targets[:, None], mixed.patch_targets], dim=1)
     loss_cls = -(all_targets * log_probs).sum(-1).mean()
     weights = torch.stack(
-        [w for layer in stock.vit.layers for w in (layer.attention.q_proj.weight, layer.attention.k_proj.weight,
-                                                    layer.attention.v_proj.weight)]
+        [
+            w
+            for layer in stock.vit.layers
+            for w in (layer.attention.q_proj.weight, layer.attention.k_proj.weight, layer.attention.v_proj.weight)
+        ]
     )
     eigen = torch.linalg.eigvalsh(weights.double() @ weights.double().transpose(1, 2))
     expected = (
@@ -147,8 +149,16 @@ def test_plain_baseline_is_exactly_the_stock_trainer_loss(tmp_path):
 def _train_once(tmp_path, name: str, **overrides) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = DiverseViTForImageClassification(tiny_config())
-    args = make_args(tmp_path / name, optim="sgd", learning_rate=0.5, max_steps=1, lr_scheduler_type="constant",
-                     weight_estimator="exact", mixing=False, **overrides)
+    args = make_args(
+        tmp_path / name,
+        optim="sgd",
+        learning_rate=0.5,
+        max_steps=1,
+        lr_scheduler_type="constant",
+        weight_estimator="exact",
+        mixing=False,
+        **overrides,
+    )
     DiverseTrainer(model=model, args=args, train_dataset=make_dataset(8), data_collator=collate_image_batch).train()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -169,8 +179,14 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path):
 def test_each_term_is_logged_and_averaged(tmp_path):
     torch.manual_seed(0)
     model = DiverseViTForImageClassification(tiny_config())
-    args = make_args(tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, attention_cosine_coef=0.0)
+    args = make_args(
+        tmp_path,
+        max_steps=4,
+        logging_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        attention_cosine_coef=0.0,
+    )
     trainer = DiverseTrainer(model=model, args=args, train_dataset=make_dataset(32), data_collator=collate_image_batch)
     recorded: list[dict[str, float]] = []
     original = trainer._record_terms
@@ -207,14 +223,23 @@ def test_eval_loss_is_the_unmixed_classification_loss(tmp_path):
 def test_premixed_batches_are_used_as_given(tmp_path):
     torch.manual_seed(0)
     model = DiverseViTForImageClassification(tiny_config()).train()
-    trainer = DiverseTrainer(model=model, args=make_args(tmp_path, weight_estimator="exact",
-                                                         patch_cosine_coef=0, patch_contrastive_coef=0,
-                                                         attention_cosine_coef=0, weight_condition_coef=0))
+    trainer = DiverseTrainer(
+        model=model,
+        args=make_args(
+            tmp_path,
+            weight_estimator="exact",
+            patch_cosine_coef=0,
+            patch_contrastive_coef=0,
+            attention_cosine_coef=0,
+            weight_condition_coef=0,
+        ),
+    )
     batch = make_batch()
     targets = torch.softmax(torch.randn(6, NUM_LABELS), -1)
     patch_targets = torch.softmax(torch.randn(6, 16, NUM_LABELS), -1)
-    loss = trainer.compute_loss(model, {"pixel_values": batch["pixel_values"], "labels": targets,
-                                        "patch_labels": patch_targets})
+    loss = trainer.compute_loss(
+        model, {"pixel_values": batch["pixel_values"], "labels": targets, "patch_labels": patch_targets}
+    )
     out = model(batch["pixel_values"], return_diversity_outputs=True)
     assert loss.item() == pytest.approx(patch_mixing_loss(out.token_logits, targets, patch_targets).item(), rel=1e-6)
 
@@ -239,8 +264,20 @@ def test_bad_arguments_raise_clear_errors(tmp_path, field, value, fragment):
 def test_every_option_is_a_cli_flag(tmp_path):
     parser = HfArgumentParser(DiverseTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        args=["--output_dir", str(tmp_path), "--patch_cosine_coef", "0.25", "--no_mixing", "--weight_estimator",
-              "exact", "--power_persistent", "--power_iterations", "3", "--no_patch_mixing_loss", "--use_cpu"]
+        args=[
+            "--output_dir",
+            str(tmp_path),
+            "--patch_cosine_coef",
+            "0.25",
+            "--no_mixing",
+            "--weight_estimator",
+            "exact",
+            "--power_persistent",
+            "--power_iterations",
+            "3",
+            "--no_patch_mixing_loss",
+            "--use_cpu",
+        ]
     )
     assert (args.patch_cosine_coef, args.mixing, args.weight_estimator) == (0.25, False, "exact")
     assert (args.power_persistent, args.power_iterations, args.patch_mixing_loss) == (True, 3, False)

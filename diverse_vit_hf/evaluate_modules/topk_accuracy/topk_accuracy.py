@@ -40,7 +40,9 @@ class TopkAccuracy(evaluate.Metric):
         scores = np.asarray(predictions, dtype=np.float64)
         labels = np.asarray(references, dtype=np.int64)
         if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
-            raise ValueError(f"predictions must be (n, num_classes) matching {labels.shape[0]} references, got {scores.shape}.")
+            raise ValueError(
+                f"predictions must be (n, num_classes) matching {labels.shape[0]} references, got {scores.shape}."
+            )
         order = np.argsort(-scores, axis=1, kind="stable")
         results = {}
         for value in k:
