@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+"""Side-by-side cost of a Diverse-ViT training step against a plain one.
+
+One process, one model initialisation, one batch; after warm-up the variants run alternately (one step each
+per round) and each reports the median over the rounds of a full training step (forward, loss, backward,
+optimizer step) and its memory:
+
+  (a) plain   stock `ViTForImageClassification` (SDPA): the DeiT baseline step (Mixup/CutMix, soft CE on CLS)
+  (b) ours    `DiverseViTForImageClassification` + `DiverseTrainer.compute_loss`: all regularizers + patch mixing
+  (c) naive   the way a user would get the same tensors from stock HF: eager attention in every block,
+              `output_attentions=True, output_hidden_states=True`, then the same loss terms
+  (d) one term at a time on top of (a)'s objective: cosine, contrastive, attention, weight, patch mixing
+
+Memory: on CUDA the peak allocated bytes of the step; on CPU the bytes of tensors saved for backward (the
+activation memory that dominates training, deduplicated by storage), since the CPU allocator has no peak
+counter.
+
+    python benchmarks/overhead.py                           # DeiT-Tiny 224px, fp32, CPU, batch 8
+    python benchmarks/overhead.py --config deit-small --batch_size 128 --dtype bf16 --device cuda
+    python benchmarks/overhead.py --config tiny --json      # seconds, for a smoke test
+
+The last two lines printed are the ratios b/a and c/b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import ViTConfig, ViTForImageClassification
+
+from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
+from diverse_vit_hf.mixing import PatchMixupCutmix
+from diverse_vit_hf.regularizers import (
+    attention_cosine_loss,
+    patch_contrastive_loss,
+    patch_cosine_loss,
+    patch_mixing_loss,
+    weight_condition_loss,
+)
+
+CONFIGS = {
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        image_size=32,
+        patch_size=4,
+        num_labels=10,
+    ),
+    "deit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
+    "deit-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+}
+ALL_TERMS = {
+    "patch_cosine_coef": 0.5,
+    "patch_contrastive_coef": 0.5,
+    "attention_cosine_coef": 1e-4,
+    "weight_condition_coef": 5e-4,
+}
+NO_TERMS = dict.fromkeys(ALL_TERMS, 0.0)
+
+
+@dataclass
+class Result:
+    name: str
+    description: str
+    seconds: list[float] = field(default_factory=list)
+    memory_bytes: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+class SavedTensorMeter:
+    """Bytes of distinct storages saved for backward while active (CPU stand-in for peak memory)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+        self.excluded: set[int] = set()
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.excluded:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @contextlib.contextmanager
+    def measure(self, model: torch.nn.Module):
+        """Count activations only: the parameters (saved by every linear layer) are the same in all variants."""
+        self.storages.clear()
+        self.excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor):
+            yield
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def vit_config(name: str) -> ViTConfig:
+    values = {"image_size": 224, "patch_size": 16, "num_labels": 1000, **CONFIGS[name]}
+    return ViTConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **values)
+
+
+def make_trainer(model, device: str, **overrides) -> DiverseTrainer:
+    args = DiverseTrainingArguments(
+        output_dir="/tmp/diverse_vit_benchmark",
+        report_to="none",
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        **overrides,
+    )
+    return DiverseTrainer(model=model, args=args)
+
+
+def build_variants(
+    config: ViTConfig, device: str, batch: dict[str, torch.Tensor], mixer: PatchMixupCutmix, only: set[str] | None
+) -> dict[str, tuple[Result, Callable[[], torch.Tensor], torch.nn.Module]]:
+    torch.manual_seed(0)
+    reference = DiverseViTForImageClassification(config)
+    state = reference.state_dict()
+
+    # Each model gets its own config: set_attn_implementation changes the config object it is given.
+    def stock(attn: str) -> ViTForImageClassification:
+        model = ViTForImageClassification(copy.deepcopy(config))
+        model.load_state_dict(state)
+        model.set_attn_implementation(attn)
+        return model.to(device).train()
+
+    def ours() -> DiverseViTForImageClassification:
+        model = DiverseViTForImageClassification(copy.deepcopy(config))
+        model.load_state_dict(state)
+        return model.to(device).train()
+
+    variants = {}
+
+    def add(key: str, description: str, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> None:
+        if only is None or key in only:
+            variants[key] = (Result(key, description), loss_fn, model)
+
+    plain = stock("sdpa")
+
+    def plain_loss() -> torch.Tensor:
+        mixed = mixer(batch["pixel_values"], batch["labels"])
+        return F.cross_entropy(plain(pixel_values=mixed.pixel_values).logits.float(), mixed.targets)
+
+    add("a", "plain HF ViT (SDPA), Mixup/CutMix + CE", plain, plain_loss)
+
+    diverse = ours()
+    trainer = make_trainer(diverse, device, **ALL_TERMS)
+    add("b", "ours: all regularizers + patch mixing", diverse, lambda: trainer.compute_loss(diverse, dict(batch)))
+
+    naive = stock("eager")
+
+    def naive_loss() -> torch.Tensor:
+        mixed = mixer(batch["pixel_values"], batch["labels"])
+        out = naive(pixel_values=mixed.pixel_values, output_attentions=True, output_hidden_states=True)
+        token_logits = naive.classifier(naive.vit.layernorm(out.hidden_states[-1]))
+        weights = torch.stack(
+            [
+                w
+                for layer in naive.vit.layers
+                for w in (layer.attention.q_proj.weight, layer.attention.k_proj.weight, layer.attention.v_proj.weight)
+            ]
+        )
+        return (
+            patch_mixing_loss(token_logits, mixed.targets, mixed.patch_targets)
+            + 0.5 * patch_cosine_loss(out.hidden_states[-1])
+            + 0.5 * patch_contrastive_loss(out.hidden_states[0], out.hidden_states[-1])
+            + 1e-4 * attention_cosine_loss(out.attentions[0])
+            + 5e-4 * weight_condition_loss(weights)
+        )
+
+    add("c", "naive HF: eager everywhere, all attentions + hidden states", naive, naive_loss)
+
+    single = {
+        "d_cosine": {"patch_cosine_coef": 0.5},
+        "d_contrastive": {"patch_contrastive_coef": 0.5},
+        "d_attention": {"attention_cosine_coef": 1e-4},
+        "d_weight": {"weight_condition_coef": 5e-4},
+    }
+    for key, coefficients in single.items():
+        model = ours()
+        term_trainer = make_trainer(model, device, **{**NO_TERMS, **coefficients}, patch_mixing_loss=False)
+        add(key, f"(a) + {key[2:]} term only", model, lambda m=model, t=term_trainer: t.compute_loss(m, dict(batch)))
+    mixing_model = ours()
+    mixing_trainer = make_trainer(mixing_model, device, **NO_TERMS, patch_mixing_loss=True)
+    add(
+        "d_patch_mixing",
+        "(a) + patch mixing loss only",
+        mixing_model,
+        lambda: mixing_trainer.compute_loss(mixing_model, dict(batch)),
+    )
+    return variants
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads) if args.threads else None
+    device = args.device
+    config = vit_config(args.config)
+    size = config.image_size
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.randn(args.batch_size, 3, size, size, generator=generator).to(device),
+        "labels": torch.randint(0, config.num_labels, (args.batch_size,), generator=generator).to(device),
+    }
+    mixer = PatchMixupCutmix(config.num_labels, config.patch_size)
+    only = set(args.only.split(",")) if args.only else None
+    variants = build_variants(config, device, batch, mixer, only)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    autocast = (
+        (lambda: torch.autocast(device_type=device.split(":")[0], dtype=dtype)) if dtype else contextlib.nullcontext
+    )
+    optimizers = {key: torch.optim.AdamW(model.parameters(), lr=1e-4) for key, (_, _, model) in variants.items()}
+    meter = SavedTensorMeter()
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(key: str, measure_memory: bool = False) -> float:
+        result, loss_fn, model = variants[key]
+        optimizer = optimizers[key]
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(), meter.measure(model) if measure_memory else contextlib.nullcontext():
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        sync()
+        elapsed = time.perf_counter() - start
+        if measure_memory:
+            result.memory_bytes = torch.cuda.max_memory_allocated() - base if cuda else meter.total
+        return elapsed
+
+    for key in variants:
+        for _ in range(args.warmup):
+            step(key)
+        step(key, measure_memory=True)
+    for _ in range(args.repeats):
+        for key in variants:  # alternate so that machine noise hits every variant alike
+            variants[key][0].seconds.append(step(key))
+
+    results = {key: variants[key][0] for key in variants}
+    report = {
+        "config": args.config,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": device,
+        "image_size": size,
+        "patch_size": config.patch_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "memory_kind": "peak allocated (CUDA)" if cuda else "saved-for-backward activations",
+        "variants": {
+            key: {
+                "description": r.description,
+                "median_s": r.median,
+                "images_per_s": args.batch_size / r.median,
+                "memory_mib": r.memory_bytes / 2**20,
+                "seconds": r.seconds,
+            }
+            for key, r in results.items()
+        },
+    }
+    if "a" in results and "b" in results:
+        report["ratio_b_over_a"] = {
+            "time": results["b"].median / results["a"].median,
+            "memory": results["b"].memory_bytes / max(results["a"].memory_bytes, 1),
+        }
+    if "b" in results and "c" in results:
+        report["ratio_c_over_b"] = {
+            "time": results["c"].median / results["b"].median,
+            "memory": results["c"].memory_bytes / max(results["b"].memory_bytes, 1),
+        }
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(
+        f"# {report['config']} {report['image_size']}px patch {report['patch_size']}, batch {report['batch_size']}, "
+        f"{report['dtype']} on {report['device']} ({report['machine']}, {report['threads']} threads), "
+        f"torch {report['torch']}, transformers {report['transformers']}; median of {report['repeats']} "
+        f"alternating steps; memory = {report['memory_kind']}"
+    )
+    print(f"{'variant':<16} {'step ms':>9} {'img/s':>8} {'mem MiB':>9}  description")
+    for key, row in report["variants"].items():
+        print(
+            f"{key:<16} {row['median_s'] * 1e3:>9.1f} {row['images_per_s']:>8.1f} {row['memory_mib']:>9.1f}  "
+            f"{row['description']}"
+        )
+    if "ratio_b_over_a" in report:
+        r = report["ratio_b_over_a"]
+        print(f"b/a: time {r['time']:.3f}  memory {r['memory']:.3f}")
+    if "ratio_c_over_b" in report:
+        r = report["ratio_c_over_b"]
+        print(f"c/b: time {r['time']:.3f}  memory {r['memory']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="deit-tiny")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timed alternating rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--only", default="", help="comma-separated variant keys, e.g. a,b,c")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    if args.batch_size < 2:
+        parser.error("--batch_size must be >= 2 (Mixup/CutMix mixes pairs of images)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was requested but no CUDA device is available")
+    report = run(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
