@@ -129,6 +129,40 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+class BranchDropout(nn.Module):
+    """Dropout, then stochastic depth (drop path), on a residual branch's output. No parameters or buffers.
+
+    HF's ViT/DeiT layers apply their `dropout` module to exactly the two residual branches (attention and MLP)
+    right before the residual add, so putting this module in its place gives `x + drop_path(dropout(f(x)))`,
+    as in timm/DeiT, without changing the parameter layout: checkpoints stay plain ViT/DeiT.
+
+    Args:
+        dropout: element-wise dropout probability (the config's `hidden_dropout_prob`).
+        drop_path: probability of dropping the whole branch for a sample; kept branches are scaled by
+            `1 / (1 - drop_path)`.
+    """
+
+    def __init__(self, dropout: float, drop_path: float) -> None:
+        super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop path rate must lie in [0, 1), got {drop_path}.")
+        self.dropout = dropout
+        self.drop_path = drop_path
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(B, N, D) -> (B, N, D)`."""
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+        if not self.training or self.drop_path == 0.0:
+            return hidden_states
+        keep = 1.0 - self.drop_path
+        mask_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = hidden_states.new_empty(mask_shape).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}, drop_path={self.drop_path}"
+
+
 class DiverseModelMixin:
     """Shared behaviour of the diverse ViT/DeiT classifiers. `num_prefix_tokens` is set by each subclass."""
 
@@ -153,6 +187,20 @@ class DiverseModelMixin:
             attention = layer.attention
             weights.extend((attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight))
         return torch.stack(weights)
+
+    def set_drop_path_rate(self, drop_path_rate: float) -> list[float]:
+        """Enable stochastic depth with the DeiT/timm schedule: rate `i / (L - 1) * drop_path_rate` for block i.
+
+        Adds no parameters (see `BranchDropout`); the saved checkpoint is unchanged. Call again with 0 to turn
+        it off. Returns the per-block rates.
+        """
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"`drop_path_rate` must lie in [0, 1) (DeiT uses 0.1), got {drop_path_rate}.")
+        layers = self.backbone.layers
+        rates = torch.linspace(0.0, drop_path_rate, len(layers)).tolist() if len(layers) > 1 else [drop_path_rate]
+        for layer, rate in zip(layers, rates, strict=True):
+            layer.dropout = BranchDropout(self.config.hidden_dropout_prob, rate).train(layer.training)
+        return rates
 
     def install_block1_attention_capture(self) -> None:
         """Make block 1 run eager attention (for its probabilities) and every other block the current kernel."""
@@ -320,6 +368,7 @@ def load_diverse_model(
 
 __all__ = [
     "DIVERSE_MODEL_CLASSES",
+    "BranchDropout",
     "DiverseDeiTForImageClassification",
     "DiverseImageClassifierOutput",
     "DiverseViTForImageClassification",
