@@ -224,6 +224,10 @@ def run(args: argparse.Namespace) -> dict:
     autocast = (
         (lambda: torch.autocast(device_type=device.split(":")[0], dtype=dtype)) if dtype else contextlib.nullcontext
     )
+    if args.compile:
+        # Compile each model's forward in place (the loss code stays eager): torch.compile on the whole step.
+        for _, _, model in variants.values():
+            model.compile()
     optimizers = {key: torch.optim.AdamW(model.parameters(), lr=1e-4) for key, (_, _, model) in variants.items()}
     meter = SavedTensorMeter()
     cuda = device.startswith("cuda")
@@ -270,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "threads": torch.get_num_threads(),
+        "compiled": args.compile,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
@@ -301,7 +306,8 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(report: dict) -> None:
     print(
         f"# {report['config']} {report['image_size']}px patch {report['patch_size']}, batch {report['batch_size']}, "
-        f"{report['dtype']} on {report['device']} ({report['machine']}, {report['threads']} threads), "
+        f"{report['dtype']} on {report['device']} ({report['machine']}, {report['threads']} threads"
+        f"{', torch.compile' if report['compiled'] else ''}), "
         f"torch {report['torch']}, transformers {report['transformers']}; median of {report['repeats']} "
         f"alternating steps; memory = {report['memory_kind']}"
     )
@@ -330,6 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--only", default="", help="comma-separated variant keys, e.g. a,b,c")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every variant's model (nn.Module.compile)"
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 2:
         parser.error("--batch_size must be >= 2 (Mixup/CutMix mixes pairs of images)")
