@@ -22,9 +22,14 @@ from .configuration import PATCH_COSINE_VARIANTS, WEIGHT_ESTIMATORS
 NORM_EPS = 1e-8
 
 
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """`max(||x||_2, 1e-8)` along the last axis (finite gradient for zero vectors): `(..., D) -> (...)`."""
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """`x / max(||x||_2, 1e-8)` along the last axis, safe (and with finite gradient) for zero vectors."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return x / _norm(x).unsqueeze(-1)
 
 
 def _no_autocast(tensor: torch.Tensor) -> torch.autocast:
@@ -106,13 +111,18 @@ def patch_contrastive_loss(
             "same (batch, tokens, hidden) shape."
         )
     with _no_autocast(last_hidden):
-        a = _unit(_patch_tokens(first_hidden, num_prefix_tokens, "first_hidden", 2))
-        c = _unit(_patch_tokens(last_hidden, num_prefix_tokens, "last_hidden", 2))
+        first = _patch_tokens(first_hidden, num_prefix_tokens, "first_hidden", 2)  # (B, P, D)
+        last = _patch_tokens(last_hidden, num_prefix_tokens, "last_hidden", 2)
         if detach_first:
-            a = a.detach()
-        num_patches = a.shape[1]
-        positive = (a * c).sum(dim=-1)  # (B, P)
-        row_sum = (a * c.sum(dim=1, keepdim=True)).sum(dim=-1)  # (B, P): sum_j s_ij
+            first = first.detach()
+        # Written with the raw tokens and their norms instead of normalised copies: autograd then saves only
+        # tensors the model already keeps (plus (B, P) norms), not two new (B, P, D) tensors.
+        first_norm = _norm(first)  # (B, P)
+        last_norm = _norm(last)
+        num_patches = first.shape[1]
+        positive = (first * last).sum(dim=-1) / (first_norm * last_norm)  # (B, P)
+        direction_sum = (last / last_norm.unsqueeze(-1)).sum(dim=1, keepdim=True)  # (B, 1, D): sum_j c_j
+        row_sum = (first * direction_sum).sum(dim=-1) / first_norm  # (B, P): sum_j s_ij
         negative = (row_sum - positive) / (num_patches - 1)
         return F.softplus(negative - positive).mean()
 
@@ -135,8 +145,13 @@ def attention_cosine_loss(attention_probs: torch.Tensor) -> torch.Tensor:
             f"{tuple(attention_probs.shape)}."
         )
     with _no_autocast(attention_probs):
-        maps = _unit(attention_probs.float().flatten(start_dim=2))  # (B, H, N*N)
-        return maps.mean(dim=1).pow(2).sum(dim=-1).mean()
+        maps = attention_probs.float().flatten(start_dim=2)  # (B, H, N*N)
+        # Same value as ||mean_h u(A_h)||^2, from the H x H head Gram: autograd keeps only the maps themselves
+        # (already saved by the attention), not a normalised (B, H, N*N) copy.
+        gram = torch.bmm(maps, maps.transpose(1, 2))  # (B, H, H)
+        norms = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(NORM_EPS**2).sqrt()  # (B, H) = max(||A_h||, eps)
+        cosine = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+        return cosine.mean(dim=(1, 2)).mean()
 
 
 @dataclass
