@@ -185,13 +185,20 @@ class _ShiftedGram:
         self.weight = weight  # (M, d_out, d_in)
         self.shift = shift  # (M,) or None
 
+    # Mat-vecs are written as row vector times matrix, `(M, 1, D) @ (M, D, D)`: on CPU this runs ~7x faster
+    # than the column form `(M, D, D) @ (M, D, 1)` for the same numbers (measured on 36 x 192 x 192).
+    def project(self, vector: torch.Tensor) -> torch.Tensor:
+        """`W^T v`: `(M, d_out) -> (M, d_in)`."""
+        return torch.bmm(vector.unsqueeze(1), self.weight).squeeze(1)
+
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
-        product = torch.bmm(self.weight, torch.bmm(self.weight.transpose(1, 2), vector.unsqueeze(-1))).squeeze(-1)
+        projected = self.project(vector)
+        product = torch.bmm(projected.unsqueeze(1), self.weight.transpose(1, 2)).squeeze(1)  # W (W^T v)
         return product if self.shift is None else product - self.shift[:, None] * vector
 
     def rayleigh(self, vector: torch.Tensor) -> torch.Tensor:
         """`v^T A v / v^T v` per matrix, with `v^T W W^T v = ||W^T v||^2`: `(M, d_out) -> (M,)`."""
-        projected = torch.bmm(self.weight.transpose(1, 2), vector.unsqueeze(-1)).squeeze(-1)
+        projected = self.project(vector)
         squared_norm = (vector * vector).sum(-1)
         numerator = projected.pow(2).sum(-1)
         if self.shift is not None:
