@@ -7,6 +7,7 @@ column detection, lazy torchvision transforms via `set_transform`, and a collato
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,9 @@ from torchvision.transforms import v2 as T
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "jpg", "png")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "cls")
 AUGMENTATIONS = ("none", "light", "deit")
+CORRUPT_IMAGE_MODES = ("fail", "skip")
+
+logger = logging.getLogger(__name__)
 
 
 def _dataset_from_arrays(images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> Dataset:
@@ -234,32 +238,132 @@ def image_size_from_processor(processor: Any) -> tuple[int, int]:
     raise ValueError(f"Cannot read an image size from the image processor's size {size}.")
 
 
-def apply_image_transform(
-    dataset: Dataset, transform: Callable[[PILImage.Image], torch.Tensor], image_column: str, label_column: str
-) -> Dataset:
-    """Lazily map examples to `{"pixel_values": (3, H, W) tensor, "labels": int}` with `set_transform`."""
+class UnreadableImageError(ValueError):
+    """An image file of the dataset cannot be decoded (corrupt, truncated, not an image, or a decompression bomb)."""
 
-    def batch_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+
+def _describe_image(value: Any) -> str:
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
+    return f"image file {os.fspath(path)!r}" if path else "an image stored as bytes in the dataset (no file path)"
+
+
+def open_image(value: Any) -> PILImage.Image:
+    """Decode one cell of an image column, naming the file when it cannot be decoded.
+
+    Args:
+        value: a PIL image (already decoded), a `{"bytes", "path"}` dict (an `Image(decode=False)` column), or a path.
+
+    Returns:
+        The decoded PIL image, exactly as `datasets.Image().decode_example` returns it (EXIF orientation applied).
+
+    Raises:
+        UnreadableImageError: the file is corrupt, truncated, not an image, or larger than PIL's decompression-bomb
+            limit. `datasets` would raise a bare PIL error deep inside a data-loader worker, without the path.
+    """
+    if isinstance(value, PILImage.Image):
+        return value
+    try:
+        # decode_example calls `image.load()`, so a truncated file fails here and not later inside a transform.
+        return Image().decode_example(value)
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as error:
+        raise UnreadableImageError(
+            f"Cannot decode {_describe_image(value)}: {type(error).__name__}: {error}. Remove or replace the file, or "
+            "pass --corrupt_images skip to leave unreadable images out of training and evaluation."
+        ) from error
+
+
+class ImageBatchTransform:
+    """The `set_transform` callable of `apply_image_transform`: decode, transform and label a batch of examples.
+
+    With `corrupt_images="skip"`, an unreadable image gives `pixel_values=None` (dropped by `collate_image_batch`), a
+    warning naming the file, and an entry in `skipped` (the paths skipped in *this* process: data-loader workers keep
+    their own list and log their own warnings).
+    """
+
+    def __init__(
+        self,
+        transform: Callable[[PILImage.Image], torch.Tensor],
+        image_column: str,
+        label_column: str,
+        corrupt_images: str = "fail",
+    ) -> None:
+        if corrupt_images not in CORRUPT_IMAGE_MODES:
+            raise ValueError(f"`corrupt_images` must be one of {CORRUPT_IMAGE_MODES}, got {corrupt_images!r}.")
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+        self.corrupt_images = corrupt_images
+        self.skipped: list[str] = []
+
+    def _pixels(self, value: Any) -> torch.Tensor | None:
+        try:
+            image = open_image(value)
+        except UnreadableImageError as error:
+            if self.corrupt_images == "fail":
+                raise
+            self.skipped.append(_describe_image(value))
+            logger.warning("Skipped an unreadable image (%d so far in this process): %s", len(self.skipped), error)
+            return None
+        return self.transform(image)
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         return {
-            "pixel_values": [transform(image) for image in batch[image_column]],
-            "labels": list(batch[label_column]),
+            "pixel_values": [self._pixels(value) for value in batch[self.image_column]],
+            "labels": list(batch[self.label_column]),
         }
 
+
+def apply_image_transform(
+    dataset: Dataset,
+    transform: Callable[[PILImage.Image], torch.Tensor],
+    image_column: str,
+    label_column: str,
+    corrupt_images: str = "fail",
+) -> Dataset:
+    """Lazily map examples to `{"pixel_values": (3, H, W) tensor, "labels": int}` with `set_transform`.
+
+    The image column is read undecoded (`Image(decode=False)`) and decoded by `open_image`, so an unreadable file is
+    reported with its path. `corrupt_images="fail"` (default) raises `UnreadableImageError` at the first such file;
+    `"skip"` leaves it out of its batch (see `ImageBatchTransform`).
+    """
+    batch_transform = ImageBatchTransform(transform, image_column, label_column, corrupt_images)
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, Image) and feature.decode:
+        dataset = dataset.cast_column(image_column, Image(decode=False))
     dataset.set_transform(batch_transform)
     return dataset
 
 
+def skipped_images(dataset: Dataset) -> list[str]:
+    """The unreadable images skipped so far (in this process) by the transform `apply_image_transform` installed."""
+    batch_transform = (dataset.format.get("format_kwargs") or {}).get("transform")
+    return list(batch_transform.skipped) if isinstance(batch_transform, ImageBatchTransform) else []
+
+
 def collate_image_batch(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack `pixel_values` and `labels` of transformed examples into a batch."""
+    """Stack `pixel_values` and `labels` of transformed examples into a batch, leaving out skipped (unreadable) images.
+
+    Raises:
+        UnreadableImageError: every image of the batch was skipped, so there is nothing to train on.
+    """
+    kept = [example for example in examples if example["pixel_values"] is not None]
+    if not kept:
+        raise UnreadableImageError(
+            f"All {len(examples)} images of a batch were unreadable and skipped (--corrupt_images skip). Check the "
+            "image files of the dataset: the warnings above name them."
+        )
     return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "labels": torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long),
+        "pixel_values": torch.stack([example["pixel_values"] for example in kept]),
+        "labels": torch.tensor([int(example["labels"]) for example in kept], dtype=torch.long),
     }
 
 
 __all__ = [
     "AUGMENTATIONS",
+    "CORRUPT_IMAGE_MODES",
     "EMBEDDED_DATASETS",
+    "ImageBatchTransform",
+    "UnreadableImageError",
     "apply_image_transform",
     "build_image_transform",
     "class_names",
@@ -270,5 +374,7 @@ __all__ = [
     "load_embedded_mnist",
     "load_lfw_faces",
     "load_sklearn_digits",
+    "open_image",
     "resolve_columns",
+    "skipped_images",
 ]

@@ -353,17 +353,34 @@ def diverse_model_class_for_config(config: PretrainedConfig) -> type[DiverseMode
 
 
 def load_diverse_model(
-    name_or_path: str, **kwargs: Any
+    name_or_path: str, allow_pickle: bool = False, **kwargs: Any
 ) -> DiverseViTForImageClassification | DiverseDeiTForImageClassification:
     """`from_pretrained` of the right diverse class for a ViT/DeiT checkpoint (Hub id or local folder).
 
     Keyword arguments go to both `AutoConfig.from_pretrained` (config overrides such as `num_labels`,
     `id2label`) and `from_pretrained` (e.g. `ignore_mismatched_sizes`, `dtype`).
+
+    Only safetensors weights are read unless `allow_pickle=True`: pickle files (`pytorch_model.bin`) can run code
+    when loaded, so a checkpoint holding only those is refused with an `OSError` saying how to opt in.
     """
+    if not allow_pickle:
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("use_safetensors=False reads pickle weights: pass allow_pickle=True to allow that.")
+        kwargs["use_safetensors"] = True
     config_keys = {"revision", "token", "cache_dir", "local_files_only"}
     config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in config_keys})
     model_class = diverse_model_class_for_config(config)
-    return model_class.from_pretrained(name_or_path, **kwargs)
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        if allow_pickle or "safetensors" not in str(error):
+            raise
+        raise OSError(
+            f"{name_or_path!r} has no safetensors weights (model.safetensors); its weights are pickle files "
+            "(pytorch_model.bin), which can run arbitrary code when loaded and are refused by default. If you trust "
+            "the source, pass allow_pickle=True (--allow_pickle in examples/run_diverse.py), e.g. once, to re-save it "
+            f"with save_pretrained as safetensors. ({error})"
+        ) from error
 
 
 __all__ = [

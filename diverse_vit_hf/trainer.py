@@ -9,18 +9,52 @@ window in `log`, next to `loss`, so it reaches `log_history`, TensorBoard and ev
 
 With all coefficients 0, mixing off and the patch mixing loss off, `compute_loss` *is* the stock
 `Trainer.compute_loss` (plain DeiT/ViT baseline).
+
+Failure handling (what the stock `Trainer` 5.23 does not do):
+
+- **Non-finite guard** (`--max_consecutive_nonfinite`, default 5; 0 = off). The loss, every loss term and (without a
+  GradScaler) the gradient norm of each optimizer step are checked with one fused `torch.isfinite(...).all()` read
+  *per optimizer step*, after the window's last backward. A bad step is skipped: its gradients are dropped, so the
+  optimizer changes no parameter and no moment (the step still counts: `global_step` and the LR schedule advance).
+  It is counted (`nonfinite_steps`, `nonfinite_<term>` in the logs); after N consecutive bad steps training stops
+  with `NonFiniteLossError`, before anything is saved, so the last checkpoint is the last good one. The read is a
+  host-device sync, the price of detecting the bad step before the update (the stock `logging_nan_inf_filter`
+  already reads the loss of every micro-batch).
+- **Atomic checkpoints.** `checkpoint-<step>` is written into a hidden staging folder, flushed to disk, then renamed
+  into place: a crash (exception, kill, full disk) while saving never leaves a partial checkpoint that
+  `get_last_checkpoint` / `--resume_from_checkpoint last` would pick. The final model files are written to a hidden
+  temporary folder and moved into `output_dir` one complete file at a time. An `OSError` while saving (e.g. disk full)
+  becomes a `CheckpointSaveError` that says what happened and where.
+- **Resume.** `resume_from_checkpoint="last"` (or True) takes the newest complete checkpoint, with a clear error if
+  there is none. Weights are restored through `from_pretrained` (stock Trainer 5.23 calls `load_state_dict` on the
+  saved 4.x-style key names and silently restores only the embeddings and the head of a ViT), after checking that the
+  checkpoint's architecture matches the model's. The persistent power-iteration state is checkpointed too.
+- **No pickles, no tokens.** Model folders get `training_args.json` (tokens redacted) instead of `training_args.bin`;
+  pickles of `DiverseTrainingArguments` (which the stock Trainer still writes when pushing checkpoints to the Hub)
+  carry no Hub token.
 """
 
 from __future__ import annotations
 
+import copy
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from datasets import ClassLabel
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .configuration import DiversityConfig
 from .mixing import PatchMixupCutmix, smoothed_one_hot
@@ -34,6 +68,33 @@ from .regularizers import (
     soft_target_cross_entropy,
     weight_condition_loss,
 )
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_NAME = "trainer_state.json"
+POWER_STATE_NAME = "power_iteration_state.safetensors"
+# Config fields that fix the parameter shapes (num_labels is derived from id2label).
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+    "num_labels",
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after `max_consecutive_nonfinite` consecutive optimizer steps with NaN/Inf values."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint or the final model could not be written (disk full, permissions, ...). Nothing half-written is
+    left where a loader would pick it up."""
 
 
 @dataclass
@@ -53,12 +114,46 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
         default=False,
         metadata={"help": "Drop dataset columns the model's forward does not take. Keep False with lazy transforms."},
     )
+    max_consecutive_nonfinite: int = field(
+        default=5,
+        metadata={
+            "help": "Non-finite guard: an optimizer step whose loss, any loss term or gradient is NaN/Inf is skipped "
+            "(no parameter update), counted and logged (nonfinite_steps, nonfinite_<term>); after this many "
+            "consecutive skipped steps training stops with an error, leaving the last checkpoint intact. 0 disables "
+            "the guard (stock behaviour: the update is applied). Costs one device-to-host read per optimizer step."
+        },
+    )
 
     def __post_init__(self) -> None:
         TrainingArguments.__post_init__(self)
         self.validate_diversity()
         if not 0.0 <= self.label_smoothing_factor < 1.0:
             raise ValueError(f"`label_smoothing_factor` must lie in [0, 1), got {self.label_smoothing_factor}.")
+        if not isinstance(self.max_consecutive_nonfinite, int) or self.max_consecutive_nonfinite < 0:
+            raise ValueError(
+                "`max_consecutive_nonfinite` must be an integer >= 0 (0 disables the non-finite guard), got "
+                f"{self.max_consecutive_nonfinite!r}."
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles never carry Hub tokens: every `*_token` field is dropped. The stock Trainer pickles the arguments
+        to `training_args.bin` (and uploads that file when pushing checkpoints to the Hub)."""
+        state = self.__dict__.copy()
+        for key in state:
+            if key.endswith("_token"):
+                state[key] = None
+        return state
+
+    def __copy__(self) -> DiverseTrainingArguments:
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)  # copies keep their token (only pickles drop it)
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DiverseTrainingArguments:
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
 
 def check_label_space(dataset: Any, num_labels: int) -> None:
@@ -73,6 +168,147 @@ def check_label_space(dataset: Any, num_labels: int) -> None:
             )
 
 
+def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: None (start fresh), `"last"`/True (newest `checkpoint-<step>` in
+    `output_dir`) or a path. Raises `ValueError` saying what to do when there is nothing to resume from."""
+    if value is None or value is False or (isinstance(value, str) and not value.strip()):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() == "last"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(
+                f"--resume_from_checkpoint last: there is no {PREFIX_CHECKPOINT_DIR}-<step> folder in {output_dir}. "
+                "Drop the flag to start a new training, or pass the path of a checkpoint folder."
+            )
+        return last
+    path = os.fspath(value)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"--resume_from_checkpoint {path}: no such folder. Pass a {PREFIX_CHECKPOINT_DIR}-<step> folder written "
+            "by the Trainer, or 'last' for the newest one in --output_dir."
+        )
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+        raise ValueError(
+            f"--resume_from_checkpoint {path}: this folder is not a complete Trainer checkpoint (it has no "
+            f"{TRAINER_STATE_NAME}). Pass a {PREFIX_CHECKPOINT_DIR}-<step> folder, or 'last'."
+        )
+    return path
+
+
+def _architecture(config: dict[str, Any]) -> dict[str, Any]:
+    values = {key: config.get(key) for key in ARCHITECTURE_KEYS if key != "num_labels"}
+    for key in ("image_size", "patch_size"):
+        if isinstance(values[key], (list, tuple)):
+            values[key] = list(values[key])
+    labels = config.get("id2label")
+    values["num_labels"] = len(labels) if labels else config.get("num_labels")
+    return values
+
+
+def check_checkpoint_architecture(checkpoint: str | os.PathLike, config: PretrainedConfig) -> None:
+    """Refuse to resume from a checkpoint whose `config.json` describes other parameter shapes than `config`,
+    naming every differing field (instead of a torch size-mismatch traceback, or a silent partial load)."""
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        return
+    saved = _architecture(json.loads(path.read_text(encoding="utf-8")))
+    current = _architecture(config.to_dict())
+    differences = [
+        f"{key}: checkpoint {saved[key]!r}, model {current[key]!r}"
+        for key in ARCHITECTURE_KEYS
+        if saved[key] is not None and current[key] is not None and saved[key] != current[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was saved from a different architecture than the model being "
+            f"trained ({'; '.join(differences)}). Build the model with the checkpoint's settings (the same --model or "
+            "--hidden_size/--num_hidden_layers/... flags), or train into a new --output_dir instead of resuming."
+        )
+
+
+def drop_gradients(parameters: Iterable[nn.Parameter], scaler: Any | None = None) -> None:
+    """Discard the accumulated gradients so that the coming optimizer step changes nothing.
+
+    torch optimizers skip parameters whose `.grad` is None: no update, no weight decay, no moment update. A
+    `GradScaler` asserts that it saw at least one gradient, so with an enabled scaler one gradient is set to NaN
+    instead: the scaler then skips the step itself (and backs off its scale, its usual reaction to non-finite values).
+    """
+    trainable = [parameter for parameter in parameters if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.grad = None
+    if scaler is not None and trainable and (not hasattr(scaler, "is_enabled") or scaler.is_enabled()):
+        trainable[0].grad = torch.full_like(trainable[0], float("nan"))
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all tensors, on the first tensor's device (non-finite as soon as one element is)."""
+    device = tensors[0].device
+    norms = torch._foreach_norm([t.detach() for t in tensors]) if hasattr(torch, "_foreach_norm") else None
+    if norms is None:
+        norms = [torch.linalg.vector_norm(t.detach()) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or a directory entry to disk (best effort: some platforms cannot fsync directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            _fsync_path(path)
+    _fsync_path(folder)
+
+
+def _publish_folder(staged: Path, final: Path) -> None:
+    """Give a completely written folder its final name with one rename, so no reader ever sees it half-written. A
+    folder already there (the same step saved again after a resume) is renamed aside first, then deleted."""
+    _fsync_tree(staged)
+    replaced = None
+    if final.exists():
+        replaced = final.parent / f".{final.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staged, final)
+    _fsync_path(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _merge_folder(staged: Path, final: Path) -> None:
+    """Move the files of `staged` into `final` (per-process files such as `rng_state_<rank>.pth` on a machine that
+    does not share the main process's file system)."""
+    final.mkdir(parents=True, exist_ok=True)
+    for entry in staged.iterdir():
+        os.replace(entry, final / entry.name)
+
+
+def save_error(error: OSError, what: str, folder: str | os.PathLike, left: str) -> CheckpointSaveError:
+    """A `CheckpointSaveError` saying what could not be written, where, why, what is left and what to do."""
+    if error.errno == errno.ENOSPC:
+        reason = "the disk is full (no space left on device)"
+    elif error.errno == getattr(errno, "EDQUOT", None):
+        reason = "the disk quota is exceeded"
+    else:
+        reason = error.strerror or str(error)
+    return CheckpointSaveError(
+        error.errno,
+        f"Could not save {what} to {folder}: {reason} ({type(error).__name__}: {error}). {left} Free some space (or "
+        "lower --save_total_limit, or pass --save_only_model) or choose another --output_dir, then resume with "
+        "--resume_from_checkpoint last.",
+    )
+
+
 class DiverseTrainer(Trainer):
     """`Trainer` whose loss adds the three levels of diversity regularizers and patch-level mixing.
 
@@ -80,6 +316,13 @@ class DiverseTrainer(Trainer):
     are mixed here, on the device. Batches that were already mixed (e.g. by `PatchMixCollator`) carry soft
     `labels` `(B, C)` and `patch_labels` `(B, P, C)` and are used as they are. Evaluation batches are never
     mixed and their loss is the stock classification loss.
+
+    See the module docstring for what it does on non-finite losses, crashes while saving, and resuming.
+
+    Attributes:
+        nonfinite_steps: optimizer steps skipped by the non-finite guard since this trainer was created.
+        nonfinite_terms: how often each value was non-finite in a skipped step (`loss_<term>`, `loss` for the
+            total, `grad_norm` for gradients that were non-finite while every loss term was finite).
     """
 
     # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps.
@@ -110,11 +353,34 @@ class DiverseTrainer(Trainer):
                 prob=args.mix_prob,
                 label_smoothing=args.label_smoothing_factor,
             )
+            if args.per_device_train_batch_size < 2:
+                raise ValueError(
+                    "Mixup/CutMix needs at least 2 images per batch (each image is mixed with another one), but "
+                    f"--per_device_train_batch_size is {args.per_device_train_batch_size}. Increase the per-device "
+                    "batch size, or pass --no_mixing."
+                )
         for dataset in (self.train_dataset, self.eval_dataset):
             check_label_space(dataset, unwrapped.config.num_labels)
         self.power_state = PowerIterationState() if args.power_persistent else None
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
+        # Non-finite guard: the current accumulation window's values wait in _window_sums until the window's last
+        # micro-batch has been checked; only then do they join the logged sums.
+        self.max_consecutive_nonfinite = int(getattr(args, "max_consecutive_nonfinite", 5))
+        self._guard_enabled = self.max_consecutive_nonfinite > 0
+        if self._guard_enabled and self.is_deepspeed_enabled:
+            logger.warning(
+                "The non-finite guard cannot skip DeepSpeed optimizer steps (the engine keeps its own gradients); it "
+                "is off. DeepSpeed's fp16 loss scaler still skips overflowing steps."
+            )
+            self._guard_enabled = False
+        self._in_training_step = False
+        self._window_sums: dict[str, torch.Tensor] = {}
+        self._window_count = 0
+        self._consecutive_nonfinite = 0
+        self.nonfinite_steps = 0
+        self.nonfinite_terms: Counter[str] = Counter()
+        self._checkpoint_staging_root: str | None = None
 
     def _classification_targets(
         self, inputs: dict[str, Any], num_labels: int, num_patches: int
@@ -128,7 +394,9 @@ class DiverseTrainer(Trainer):
                 "Soft `labels` need matching `patch_labels` (B, P, C); pass class indices and let DiverseTrainer mix, "
                 "or use PatchMixCollator."
             )
-        if self.mixer is not None:
+        # A single image cannot be mixed with another one. The configured batch size is >= 2 (checked in __init__), so
+        # this is an epoch's incomplete last batch or what is left after skipping unreadable images: train it unmixed.
+        if self.mixer is not None and pixel_values.shape[0] >= 2:
             mixed = self.mixer(pixel_values, labels)
             return mixed.pixel_values, mixed.targets, mixed.patch_targets
         targets = smoothed_one_hot(labels, num_labels, self.args.label_smoothing_factor)
@@ -142,7 +410,10 @@ class DiverseTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         if self.diversity.is_plain_baseline or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+            if model.training:
+                self._record_total(result[0] if return_outputs else result)
+            return result
 
         cfg = self.diversity
         unwrapped: DiverseModelMixin = self.accelerator.unwrap_model(model)
@@ -184,34 +455,299 @@ class DiverseTrainer(Trainer):
                 state=self.power_state,
             )
             total = total + cfg.weight_condition_coef * terms["loss_weight_condition"]
+        self._record_total(total)
         self._record_terms(terms)
         return (total, outputs) if return_outputs else total
 
+    def _record_total(self, total: torch.Tensor) -> None:
+        """Keep the total loss of a guarded micro-batch for the window's finite check (no host sync)."""
+        if self._in_training_step:
+            value = total.detach().float().reshape(())
+            self._window_sums["loss"] = self._window_sums["loss"] + value if "loss" in self._window_sums else value
+
     def _record_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        # Under the guard, a micro-batch's terms wait in the window sums until the window is known to be finite.
+        guarded = self._in_training_step
+        sums = self._window_sums if guarded else self._term_sums
         for name, value in terms.items():
             value = value.detach().float()
-            self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
-        self._term_count += 1
+            sums[name] = sums[name] + value if name in sums else value
+        if guarded:
+            self._window_count += 1
+        else:
+            self._term_count += 1
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Stock save, but the training arguments go to `training_args.json` (tokens redacted by
-        `TrainingArguments.to_json_string`) instead of a pickled `training_args.bin`: model folders hold no pickle."""
-        super()._save(output_dir, state_dict)
-        if not self.args.should_save:
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Stock forward + backward; after the last micro-batch of an accumulation window, the non-finite guard.
+
+        A bad micro-batch is back-propagated like the others (its NaN gradients are dropped with the whole window),
+        which keeps every process in step under DDP and needs no host read per micro-batch.
+        """
+        if not self._guard_enabled:
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._in_training_step = True
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_training_step = False
+        if self.accelerator.sync_gradients:  # the Trainer sets it on the window's last micro-batch
+            self._finish_window(model)
+        return loss
+
+    def _finish_window(self, model: nn.Module) -> None:
+        """Check the window's loss, terms and gradients; skip the optimizer step when any is NaN/Inf."""
+        names = sorted(self._window_sums)
+        values = [self._window_sums[name] for name in names]
+        window_terms = {name: value for name, value in self._window_sums.items() if name != "loss"}
+        window_count = self._window_count
+        self._window_sums, self._window_count = {}, 0
+        # With a GradScaler, inf gradients are the scaler's business (it skips the step and lowers the scale).
+        if self.accelerator.scaler is None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads:
+                names.append("grad_norm")
+                values.append(_total_norm(grads))
+        if not values:
             return
-        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        device = self.args.device
+        finite = torch.isfinite(torch.stack([value.reshape(()).to(device) for value in values]))
+        all_finite = finite.all()
+        if self.accelerator.num_processes > 1:  # every process must take the same decision
+            all_finite = self.accelerator.reduce(all_finite.float(), reduction="sum") == self.accelerator.num_processes
+        if bool(all_finite):  # the guard's single device-to-host read per optimizer step
+            for name, value in window_terms.items():
+                self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
+            self._term_count += window_count
+            self._consecutive_nonfinite = 0
+            return
+
+        bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+        # Name the most specific culprits: a bad term makes the total and the gradients bad too.
+        reported = [n for n in bad if n not in ("loss", "grad_norm")] or bad[:1] or ["values on another process"]
+        drop_gradients(model.parameters(), self.accelerator.scaler)
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        self.nonfinite_terms.update(reported)
+        step = self.state.global_step + 1
+        logger.warning(
+            "Optimizer step %d skipped (no parameter update): non-finite %s. %d consecutive, %d in total.",
+            step,
+            ", ".join(reported),
+            self._consecutive_nonfinite,
+            self.nonfinite_steps,
+        )
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"Training stopped at optimizer step {step}: the last {self._consecutive_nonfinite} steps all had "
+                f"non-finite values (last: {', '.join(reported)}) and were skipped without changing the model "
+                f"(--max_consecutive_nonfinite {self.max_consecutive_nonfinite}). The model still holds the weights "
+                f"of the last good step and the checkpoints in {self.args.output_dir} are intact. Check the data for "
+                "NaN/Inf pixels, lower the learning rate or the regularizer coefficients (or use --weight_estimator "
+                "exact), then resume with --resume_from_checkpoint last."
+            )
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ):
+        """Stock `train`, where `resume_from_checkpoint` may also be `"last"` (= True: the newest checkpoint in
+        `output_dir`); a missing or incomplete checkpoint gives a clear `ValueError` before anything starts."""
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._consecutive_nonfinite = 0
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+        )
+
+    # ---- Saving ---------------------------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While a checkpoint is being saved, the stock `_save_checkpoint` writes into the staging folder.
+        if self._checkpoint_staging_root is not None:
+            return self._checkpoint_staging_root
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Stock checkpoint (weights, optimizer, scheduler, RNG, trainer state), written into a hidden staging folder
+        and renamed to `checkpoint-<step>` only once complete; then the stock rotation (`save_total_limit`)."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = run_dir / name
+        staging_root = run_dir / f".{name}.saving"  # hidden: neither the checkpoint glob nor its regex matches it
+        staged = staging_root / name
+        if self.args.should_save:
+            for leftover in run_dir.glob(f".{PREFIX_CHECKPOINT_DIR}-*.saving"):  # from a process killed mid-save
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        push_to_hub = self.args.push_to_hub
+        self._checkpoint_staging_root = str(staging_root)
+        self.args.push_to_hub = False  # pushed below, from the published folder (uploads run in the background)
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                self._save_power_state(staged)
+                if self.state.best_model_checkpoint is not None and Path(self.state.best_model_checkpoint) == staged:
+                    self.state.best_model_checkpoint = str(final)
+                    self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                _publish_folder(staged, final)
+            self.accelerator.wait_for_everyone()
+            if staged.is_dir():  # files of a process that does not share the main process's file system
+                _merge_folder(staged, final)
+        except OSError as error:
+            raise save_error(
+                error,
+                f"checkpoint {name}",
+                run_dir,
+                f"Nothing was left half-written: the earlier checkpoints in {run_dir} are untouched.",
+            ) from error
+        finally:
+            self._checkpoint_staging_root = None
+            self.args.push_to_hub = push_to_hub
+            shutil.rmtree(staging_root, ignore_errors=True)
+        if push_to_hub:
+            self._push_from_checkpoint(str(final))
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _save_power_state(self, folder: Path) -> None:
+        """The persistent power-iteration vectors belong to the training state: checkpoint them (safetensors)."""
+        state = self.power_state
+        if state is None or state.max_vectors is None or state.min_vectors is None:
+            return
+        tensors = {"max_vectors": state.max_vectors.detach().cpu(), "min_vectors": state.min_vectors.detach().cpu()}
+        safetensors.torch.save_file(tensors, str(folder / POWER_STATE_NAME))
+
+    def _write_training_args(self, folder: Path) -> None:
         atomic_write_text(folder / "training_args.json", self.args.to_json_string())
         (folder / "training_args.bin").unlink(missing_ok=True)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Stock save, but the training arguments go to `training_args.json` (tokens redacted by
+        `TrainingArguments.to_json_string`) instead of a pickled `training_args.bin`: model folders hold no pickle.
+
+        Outside a checkpoint (which is published as a whole), the files are written into a hidden temporary folder
+        and each moved into `output_dir` once complete, so a crash never leaves a truncated weight file there.
+        """
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self._checkpoint_staging_root is not None or not self.args.should_save:
+            super()._save(str(folder), state_dict)
+            if self.args.should_save:
+                self._write_training_args(folder)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.glob(".saving-*"):  # from a process killed mid-save
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
+        try:
+            super()._save(str(staging), state_dict)
+            self._write_training_args(staging)
+            _fsync_tree(staging)
+            for entry in sorted(staging.iterdir()):
+                target = folder / entry.name
+                if entry.is_dir() and target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+            _fsync_path(folder)
+        except OSError as error:
+            raise save_error(
+                error,
+                "the model",
+                folder,
+                f"The files already in {folder} were left as they were (no partial file was moved there).",
+            ) from error
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # ---- Loading --------------------------------------------------------------------------------------------------
+
+    def _loads_plain_weights(self, model: nn.Module, checkpoint: str) -> bool:
+        """Whether `checkpoint` is restored by `_load_converted_weights` (plain single-device/DDP safetensors)."""
+        special = self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False)
+        has_safetensors = any(
+            os.path.isfile(os.path.join(checkpoint, name))
+            for name in ("model.safetensors", "model.safetensors.index.json")
+        )
+        return isinstance(model, PreTrainedModel) and not special and has_safetensors
+
+    def _load_converted_weights(self, model: PreTrainedModel, checkpoint: str) -> None:
+        """Load a saved checkpoint's weights into `model` through `from_pretrained`, which maps the 4.x-style key
+        names `save_pretrained` writes back to the 5.x module names (the stock Trainer's `load_state_dict` does not:
+        transformers PR #48822), then copy them strictly: every parameter restored, every shape checked."""
+        loaded = type(model).from_pretrained(checkpoint, use_safetensors=True, local_files_only=True)
+        source, target = loaded.state_dict(), model.state_dict()
+        mismatched = [
+            f"{key}: checkpoint {tuple(source[key].shape)}, model {tuple(value.shape)}"
+            for key, value in target.items()
+            if key in source and source[key].shape != value.shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: its weights have other shapes than the model being trained "
+                f"({'; '.join(mismatched[:5])}). Build the model with the checkpoint's settings, or train into a new "
+                "--output_dir instead of resuming."
+            )
+        model.load_state_dict(source, strict=True)
+        del loaded, source
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        config = getattr(unwrapped, "config", None)
+        if isinstance(config, PretrainedConfig):
+            check_checkpoint_architecture(resume_from_checkpoint, config)
+        if self._loads_plain_weights(unwrapped, resume_from_checkpoint):
+            logger.info("Loading model from %s.", resume_from_checkpoint)
+            self._load_converted_weights(unwrapped, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        power_file = Path(resume_from_checkpoint) / POWER_STATE_NAME
+        if self.power_state is not None and power_file.is_file():
+            self.power_state.load_state_dict(safetensors.torch.load_file(str(power_file), device=str(self.args.device)))
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if best is not None and self._loads_plain_weights(unwrapped, best):
+            logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+            self._load_converted_weights(unwrapped, best)
+            return
+        super()._load_best_model()
+
+    # ---- Logging --------------------------------------------------------------------------------------------------
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add each loss term, averaged over the micro-batches since the last training log, then log."""
+        """Add each loss term, averaged over the micro-batches since the last training log, and the non-finite
+        guard's counters (since this trainer was created), then log."""
         if "loss" in logs and self._term_count:
             names = sorted(self._term_sums)
             means = torch.stack([self._term_sums[n] for n in names]) / self._term_count
             means = self.accelerator.reduce(means, reduction="mean")
             logs.update(zip(names, means.tolist(), strict=True))
             self._term_sums, self._term_count = {}, 0
+        if "loss" in logs and self._guard_enabled:
+            logs["nonfinite_steps"] = self.nonfinite_steps
+            logs.update({f"nonfinite_{name}": count for name, count in sorted(self.nonfinite_terms.items())})
         super().log(logs, start_time)
 
 
-__all__ = ["DiverseTrainer", "DiverseTrainingArguments"]
+__all__ = [
+    "CheckpointSaveError",
+    "DiverseTrainer",
+    "DiverseTrainingArguments",
+    "NonFiniteLossError",
+    "check_checkpoint_architecture",
+    "drop_gradients",
+    "resolve_resume_checkpoint",
+]

@@ -7,6 +7,7 @@ and saves a plain ViT checkpoint (+ image processor) that vanilla `transformers`
 
     accelerate launch examples/run_diverse.py
     accelerate launch examples/run_diverse.py --model facebook/deit-small-patch16-224 --dataset_name beans
+    accelerate launch examples/run_diverse.py --train_dir images/train --validation_dir images/val  # imagefolder
 
 Every field of `DiverseTrainingArguments` (all of `TrainingArguments` plus the method's coefficients) is a
 flag: `python examples/run_diverse.py --help`.
@@ -14,19 +15,23 @@ flag: `python examples/run_diverse.py --help`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
-from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTConfig, ViTImageProcessor, set_seed
+from transformers import AutoImageProcessor, HfArgumentParser, ViTConfig, ViTImageProcessor, set_seed
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
 from diverse_vit_hf.data import (
+    CORRUPT_IMAGE_MODES,
     EMBEDDED_DATASETS,
     apply_image_transform,
     build_image_transform,
@@ -36,16 +41,18 @@ from diverse_vit_hf.data import (
     image_size_from_processor,
     load_embedded_dataset,
     resolve_columns,
+    skipped_images,
 )
 from diverse_vit_hf.evaluation import make_compute_metrics
-from diverse_vit_hf.modeling import diverse_model_class_for_config
+from diverse_vit_hf.modeling import load_diverse_model
+from diverse_vit_hf.trainer import NonFiniteLossError, resolve_resume_checkpoint
 
 logger = logging.getLogger("run_diverse")
 
 # Defaults of the offline demo; any of them can be overridden on the command line.
 DEMO_TRAINING_DEFAULTS = {
     "output_dir": "outputs/diverse-vit-mnist",
-    "num_train_epochs": 30,
+    "num_train_epochs": 20,
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 256,
     "learning_rate": 2e-3,
@@ -58,6 +65,7 @@ DEMO_TRAINING_DEFAULTS = {
     "logging_steps": 20,
     "report_to": "none",
     "seed": 42,
+    "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns at every evaluation
 }
 
 
@@ -80,6 +88,13 @@ class ModelArguments:
         default=True,
         metadata={"help": "Re-initialise the classifier when the checkpoint's number of labels differs."},
     )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow --model checkpoints whose weights are pickle files (pytorch_model.bin). Pickles can run "
+            "arbitrary code when loaded: by default only safetensors weights are read."
+        },
+    )
 
 
 @dataclass
@@ -89,6 +104,25 @@ class DataArguments:
         metadata={"help": "A Hub image dataset (e.g. beans, ILSVRC/imagenet-1k). Default: --embedded_dataset."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    train_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local folder of training images, one sub-folder per class (datasets' imagefolder layout). "
+            "Replaces --dataset_name."
+        },
+    )
+    validation_dir: str | None = field(
+        default=None,
+        metadata={"help": "A local folder of evaluation images laid out as --train_dir. Default: split --train_dir."},
+    )
+    corrupt_images: str = field(
+        default="fail",
+        metadata={
+            "help": "What to do with an image file that cannot be decoded (corrupt, truncated, not an image): 'fail' "
+            "stops with the file's path; 'skip' leaves it out of its batch with a warning and counts it.",
+            "choices": CORRUPT_IMAGE_MODES,
+        },
+    )
     embedded_dataset: str = field(
         default="mnist",
         metadata={"help": f"Offline dataset used when no --dataset_name is given: one of {sorted(EMBEDDED_DATASETS)}."},
@@ -111,7 +145,23 @@ class DataArguments:
 
 def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset, str, str]:
     """Train and evaluation splits plus the resolved image/label column names."""
-    if data_args.dataset_name is None:
+    if data_args.train_dir is not None:
+        if data_args.dataset_name is not None:
+            raise ValueError("Pass either --dataset_name or --train_dir (a local image folder), not both.")
+        data_files = {}
+        for split, folder, flag in (
+            ("train", data_args.train_dir, "--train_dir"),
+            ("validation", data_args.validation_dir, "--validation_dir"),
+        ):
+            if folder is None:
+                continue
+            if not os.path.isdir(folder):
+                raise ValueError(f"{flag} {folder}: no such folder. Pass a folder with one sub-folder per class.")
+            data_files[split] = os.path.join(folder, "**")
+        dataset = load_dataset("imagefolder", data_files=data_files)
+    elif data_args.validation_dir is not None:
+        raise ValueError("--validation_dir needs --train_dir (both local image folders).")
+    elif data_args.dataset_name is None:
         dataset = DatasetDict({"train": load_embedded_dataset(data_args.embedded_dataset)})
     else:
         dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
@@ -146,10 +196,9 @@ def build_model(model_args: ModelArguments, labels: list[str]):
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
     if model_args.model is not None:
-        config = AutoConfig.from_pretrained(model_args.model)
-        model_class = diverse_model_class_for_config(config)
-        model = model_class.from_pretrained(
+        model = load_diverse_model(
             model_args.model,
+            allow_pickle=model_args.allow_pickle,
             num_labels=len(labels),
             id2label=id2label,
             label2id=label2id,
@@ -180,13 +229,35 @@ def build_model(model_args: ModelArguments, labels: list[str]):
     return DiverseViTForImageClassification(config), processor
 
 
+def unknown_options_message(parser: HfArgumentParser, unknown: list[str]) -> str:
+    """Name the unknown command-line options, with the closest known flag for each."""
+    known = sorted({option for action in parser._actions for option in action.option_strings})
+    parts = []
+    for token in unknown:
+        if not token.startswith("-"):
+            parts.append(f"{token!r} (a value without a flag, or a flag's extra value)")
+            continue
+        close = difflib.get_close_matches(token.split("=", 1)[0], known, n=1)
+        parts.append(f"{token!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return (
+        f"Unknown command-line option(s): {', '.join(parts)}. Run `python examples/run_diverse.py --help` for every "
+        "flag of the model, the data, the trainer and the Diverse-ViT objective."
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = HfArgumentParser((ModelArguments, DataArguments, DiverseTrainingArguments))
     parser.set_defaults(**DEMO_TRAINING_DEFAULTS)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(unknown_options_message(parser, unknown))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    # Fail before loading any data when there is nothing to resume from ("last" = newest checkpoint in output_dir).
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     train, evaluation, image_column, label_column = load_splits(data_args, training_args.seed)
     labels = class_names(train, label_column)
@@ -196,11 +267,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if augmentation == "auto":
         augmentation = "light" if data_args.dataset_name is None else "deit"
     mean, std = processor.image_mean, processor.image_std
+    corrupt = data_args.corrupt_images
     train = apply_image_transform(
-        train, build_image_transform((height, width), mean, std, True, augmentation), image_column, label_column
+        train,
+        build_image_transform((height, width), mean, std, True, augmentation),
+        image_column,
+        label_column,
+        corrupt_images=corrupt,
     )
     evaluation = apply_image_transform(
-        evaluation, build_image_transform((height, width), mean, std, False, augmentation), image_column, label_column
+        evaluation,
+        build_image_transform((height, width), mean, std, False, augmentation),
+        image_column,
+        label_column,
+        corrupt_images=corrupt,
     )
     logger.info(
         "%d training / %d evaluation images, %d classes, %dx%d px, patch %s, augmentation=%s",
@@ -223,8 +303,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=make_compute_metrics(k=(1, min(5, len(labels)))),
         processing_class=processor,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if resume_from is not None:
+        logger.info("Resuming from %s", resume_from)
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = trainer.evaluate()
+    skipped = skipped_images(train) + skipped_images(evaluation)
+    if skipped:
+        # Counted in this process; data-loader workers (--dataloader_num_workers > 0) logged their own skips.
+        logger.warning("%d unreadable image(s) were skipped (--corrupt_images skip): %s", len(skipped), skipped[:10])
+        metrics["skipped_images"] = len(skipped)
     trainer.save_model()  # plain ViT/DeiT checkpoint + image processor in output_dir
     trainer.log_metrics("train", train_result.metrics)
     trainer.log_metrics("eval", metrics)
@@ -253,3 +340,6 @@ if __name__ == "__main__":
     except (ValueError, TypeError, OSError) as error:
         logging.getLogger("run_diverse").error("%s", error)
         sys.exit(2)
+    except NonFiniteLossError as error:
+        logging.getLogger("run_diverse").error("%s", error)
+        sys.exit(3)
