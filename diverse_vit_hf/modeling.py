@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from transformers import AutoConfig, DeiTForImageClassification, PretrainedConfi
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from .fileio import atomic_write_text
 from .mixing import check_patch_grid
 from .regularizers import soft_target_cross_entropy
 
@@ -112,21 +112,6 @@ def _stock_class_name(model: nn.Module) -> str:
         if cls.__module__.startswith("transformers."):
             return cls.__name__
     raise TypeError(f"{type(model).__name__} has no transformers base class.")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and `os.replace`: readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class BranchDropout(nn.Module):
