@@ -47,3 +47,9 @@ __all__ = [
     "soft_target_cross_entropy",
     "weight_condition_loss",
 ]
+
+# Paper-recipe helpers (issue 3): model EMA and the named DeiT configurations.
+from .ema import ModelEMA
+from .presets import DEIT_MODEL_CONFIG_NAMES, deit_config
+
+__all__ += ["DEIT_MODEL_CONFIG_NAMES", "ModelEMA", "deit_config"]

@@ -28,7 +28,16 @@ Failure handling (what the stock `Trainer` 5.23 does not do):
 - **Resume.** `resume_from_checkpoint="last"` (or True) takes the newest complete checkpoint, with a clear error if
   there is none. Weights are restored through `from_pretrained` (stock Trainer 5.23 calls `load_state_dict` on the
   saved 4.x-style key names and silently restores only the embeddings and the head of a ViT), after checking that the
-  checkpoint's architecture matches the model's. The persistent power-iteration state is checkpointed too.
+  checkpoint's architecture matches the model's. The persistent power-iteration state and the model EMA are
+  checkpointed too.
+- **Model EMA** (`--model_ema`, DeiT's `--model-ema`): a float32 exponential moving average of the weights, updated
+  after every optimizer step that was applied (a step skipped by the non-finite guard or by the fp16 GradScaler leaves
+  it unchanged). With `--model_ema_eval` (default when the EMA is on) `evaluate` and the final `save_model` use the EMA
+  weights; checkpoints keep the raw weights for resuming plus the EMA in `model_ema.safetensors`, restored on resume.
+- **Weight decay** spares biases, every norm weight, the position embeddings and the CLS / distillation / mask tokens
+  (DeiT/timm), not only biases and LayerNorms as the stock `Trainer` does.
+- **Throughput**: each training log carries `images_per_second`, the training images (all processes) of the logging
+  window over its wall time, evaluation and checkpoint saving left out.
 - **No pickles, no tokens.** Model folders get `training_args.json` (tokens redacted) instead of `training_args.bin`;
   pickles of `DiverseTrainingArguments` (which the stock Trainer still writes when pushing checkpoints to the Hub)
   carry no Hub token.
@@ -41,8 +50,10 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,12 +64,15 @@ import safetensors.torch
 import torch
 from datasets import ClassLabel
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .configuration import DiversityConfig
+from .distributed import check_weight_regularizer_supported
+from .ema import ModelEMA
+from .fileio import atomic_write_text
 from .mixing import PatchMixupCutmix, smoothed_one_hot
-from .modeling import DiverseModelMixin, atomic_write_text
+from .modeling import DiverseModelMixin
 from .regularizers import (
     PowerIterationState,
     attention_cosine_loss,
@@ -73,6 +87,10 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 POWER_STATE_NAME = "power_iteration_state.safetensors"
+EMA_STATE_NAME = "model_ema.safetensors"
+# Parameters AdamW must not decay (DeiT/timm `no_weight_decay`): learned tokens and position embeddings, by the last
+# component of their name. Biases and norm weights are matched separately.
+NO_DECAY_PARAMETER_NAMES = ("cls_token", "distillation_token", "mask_token", "position_embeddings", "pos_embed")
 # Config fields that fix the parameter shapes (num_labels is derived from id2label).
 ARCHITECTURE_KEYS = (
     "model_type",
@@ -124,6 +142,26 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
         },
     )
 
+    model_ema: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an exponential moving average (EMA) of the weights, updated after every applied optimizer "
+            "step (DeiT --model-ema). With --model_ema_eval it is what evaluation and the final saved model use."
+        },
+    )
+    model_ema_decay: float = field(
+        default=0.99996,
+        metadata={"help": "EMA decay per optimizer step, in [0, 1) (DeiT: 0.99996)."},
+    )
+    model_ema_eval: bool = field(
+        default=True,
+        metadata={
+            "help": "With --model_ema: evaluate and save the final model with the EMA weights (checkpoints keep the "
+            "raw weights for resuming, plus the EMA). --model_ema_eval false evaluates and saves the raw weights and "
+            "only checkpoints the EMA. The paper reports the raw model."
+        },
+    )
+
     def __post_init__(self) -> None:
         TrainingArguments.__post_init__(self)
         self.validate_diversity()
@@ -134,6 +172,8 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
                 "`max_consecutive_nonfinite` must be an integer >= 0 (0 disables the non-finite guard), got "
                 f"{self.max_consecutive_nonfinite!r}."
             )
+        if not 0.0 <= self.model_ema_decay < 1.0:
+            raise ValueError(f"`model_ema_decay` must lie in [0, 1) (DeiT: 0.99996), got {self.model_ema_decay}.")
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickles never carry Hub tokens: every `*_token` field is dropped. The stock Trainer pickles the arguments
@@ -309,6 +349,17 @@ def save_error(error: OSError, what: str, folder: str | os.PathLike, left: str) 
     )
 
 
+class _ModelEMACallback(TrainerCallback):
+    """Updates the trainer's EMA right after each optimizer step (`on_optimizer_step` runs after `optimizer.step()`,
+    before the gradients are zeroed)."""
+
+    def __init__(self, trainer: DiverseTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._update_ema()
+
+
 class DiverseTrainer(Trainer):
     """`Trainer` whose loss adds the three levels of diversity regularizers and patch-level mixing.
 
@@ -320,6 +371,7 @@ class DiverseTrainer(Trainer):
     See the module docstring for what it does on non-finite losses, crashes while saving, and resuming.
 
     Attributes:
+        ema: the `ModelEMA` of the weights with `--model_ema`, else None.
         nonfinite_steps: optimizer steps skipped by the non-finite guard since this trainer was created.
         nonfinite_terms: how often each value was non-finite in a skipped step (`loss_<term>`, `loss` for the
             total, `grad_norm` for gradients that were non-finite while every loss term was finite).
@@ -333,6 +385,8 @@ class DiverseTrainer(Trainer):
             args = DiverseTrainingArguments(output_dir="diverse_vit_output")
         self.diversity = DiversityConfig.from_object(args)
         super().__init__(model=model, args=args, **kwargs)
+        # FSDP / ZeRO-3 shard Q, K, V outside the forward: refuse the weight-level regularizer there (distributed.py).
+        check_weight_regularizer_supported(self.model, self.diversity.weight_condition_coef, self.accelerator)
         # The model's own loss kwargs (num_items_in_batch) would scale the loss for accumulation a second time.
         self.model_accepts_loss_kwargs = False
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -381,6 +435,96 @@ class DiverseTrainer(Trainer):
         self.nonfinite_steps = 0
         self.nonfinite_terms: Counter[str] = Counter()
         self._checkpoint_staging_root: str | None = None
+        self._last_step_skipped = False
+        # Throughput of the logging window: training images seen and wall time outside evaluation/saving.
+        self._window_images = 0
+        self._window_start = time.perf_counter()
+        self._window_excluded = 0.0
+        self.ema: ModelEMA | None = None
+        self._ema_eval = bool(getattr(args, "model_ema_eval", True))
+        if getattr(args, "model_ema", False):
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError(
+                    "--model_ema needs the full weights on every process; it does not support DeepSpeed or FSDP "
+                    "(sharded parameters). Use DDP (plain `accelerate launch` / `torchrun`) or drop --model_ema."
+                )
+            self.ema = ModelEMA(unwrapped, decay=args.model_ema_decay)
+            self.add_callback(_ModelEMACallback(self))
+
+    # ---- Optimizer ------------------------------------------------------------------------------------------------
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Names of the parameters AdamW decays: the stock rule (no biases, no LayerNorm weights) minus every other
+        norm weight (any parameter of a module whose class name contains "Norm"), the position embeddings and the
+        CLS / distillation / mask tokens, as in DeiT/timm."""
+        excluded = set()
+        for module_name, module in model.named_modules():
+            if "norm" in type(module).__name__.lower():
+                excluded.update(
+                    f"{module_name}.{name}" if module_name else name
+                    for name, _ in module.named_parameters(recurse=False)
+                )
+        pattern = re.compile(r"(?:^|\.)(?:" + "|".join(NO_DECAY_PARAMETER_NAMES) + r")$")
+        return [
+            name
+            for name in super().get_decay_parameter_names(model)
+            if name not in excluded and not pattern.search(name)
+        ]
+
+    # ---- Model EMA ------------------------------------------------------------------------------------------------
+
+    def _update_ema(self) -> None:
+        """One EMA step after an applied optimizer step; a step the guard or the GradScaler skipped changes nothing."""
+        if self.ema is None:
+            return
+        if self._last_step_skipped or self.accelerator.optimizer_step_was_skipped:
+            return
+        self.ema.update(self.accelerator.unwrap_model(self.model))
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Stock `evaluate`, on the EMA weights with `--model_ema` (and `--model_ema_eval`)."""
+        started = time.perf_counter()
+        try:
+            if self.ema is None or not self._ema_eval:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            with self.ema.swapped_into(self.accelerator.unwrap_model(self.model)):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._window_excluded += time.perf_counter() - started
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Stock `save_model`; with `--model_ema` (and `--model_ema_eval`) the final model is saved with the EMA
+        weights. Checkpoints (`_internal_call`) keep the raw weights, which resuming needs, and the EMA beside them."""
+        if self.ema is None or not self._ema_eval or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        with self.ema.swapped_into(self.accelerator.unwrap_model(self.model)):
+            return super().save_model(output_dir, _internal_call)
+
+    def _save_ema_state(self, folder: Path) -> None:
+        if self.ema is None:
+            return
+        tensors = {name: value.detach().cpu().contiguous() for name, value in self.ema.state_dict().items()}
+        safetensors.torch.save_file(tensors, str(folder / EMA_STATE_NAME), metadata={"decay": str(self.ema.decay)})
+
+    def _load_ema_state(self, checkpoint: str | os.PathLike) -> None:
+        """Restore the EMA saved with a checkpoint; a checkpoint without one restarts the EMA from its weights."""
+        if self.ema is None:
+            return
+        path = Path(checkpoint) / EMA_STATE_NAME
+        if path.is_file():
+            self.ema.load_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
+        else:
+            logger.warning(
+                "%s has no %s (it was trained without --model_ema): the EMA restarts from the checkpoint's weights.",
+                checkpoint,
+                EMA_STATE_NAME,
+            )
+            self.ema.reset(self.accelerator.unwrap_model(self.model))
 
     def _classification_targets(
         self, inputs: dict[str, Any], num_labels: int, num_patches: int
@@ -488,6 +632,10 @@ class DiverseTrainer(Trainer):
         A bad micro-batch is back-propagated like the others (its NaN gradients are dropped with the whole window),
         which keeps every process in step under DDP and needs no host read per micro-batch.
         """
+        pixel_values = inputs.get("pixel_values") if isinstance(inputs, dict) else None
+        if pixel_values is not None:
+            self._window_images += int(pixel_values.shape[0])  # shape metadata: no device sync
+        self._last_step_skipped = False
         if not self._guard_enabled:
             return super().training_step(model, inputs, num_items_in_batch)
         self._in_training_step = True
@@ -530,6 +678,7 @@ class DiverseTrainer(Trainer):
         # Name the most specific culprits: a bad term makes the total and the gradients bad too.
         reported = [n for n in bad if n not in ("loss", "grad_norm")] or bad[:1] or ["values on another process"]
         drop_gradients(model.parameters(), self.accelerator.scaler)
+        self._last_step_skipped = True  # the EMA must not move either
         self.nonfinite_steps += 1
         self._consecutive_nonfinite += 1
         self.nonfinite_terms.update(reported)
@@ -561,6 +710,7 @@ class DiverseTrainer(Trainer):
         `output_dir`); a missing or incomplete checkpoint gives a clear `ValueError` before anything starts."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self._consecutive_nonfinite = 0
+        self._window_images, self._window_start, self._window_excluded = 0, time.perf_counter(), 0.0
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
@@ -576,6 +726,13 @@ class DiverseTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Stock checkpoint (weights, optimizer, scheduler, RNG, trainer state), written into a hidden staging folder
         and renamed to `checkpoint-<step>` only once complete; then the stock rotation (`save_total_limit`)."""
+        started = time.perf_counter()
+        try:
+            self._save_checkpoint_atomically(model, trial)
+        finally:
+            self._window_excluded += time.perf_counter() - started
+
+    def _save_checkpoint_atomically(self, model: nn.Module, trial: Any) -> None:
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final = run_dir / name
@@ -592,6 +749,7 @@ class DiverseTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 self._save_power_state(staged)
+                self._save_ema_state(staged)
                 if self.state.best_model_checkpoint is not None and Path(self.state.best_model_checkpoint) == staged:
                     self.state.best_model_checkpoint = str(final)
                     self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
@@ -715,6 +873,7 @@ class DiverseTrainer(Trainer):
         power_file = Path(resume_from_checkpoint) / POWER_STATE_NAME
         if self.power_state is not None and power_file.is_file():
             self.power_state.load_state_dict(safetensors.torch.load_file(str(power_file), device=str(self.args.device)))
+        self._load_ema_state(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
@@ -722,14 +881,18 @@ class DiverseTrainer(Trainer):
         if best is not None and self._loads_plain_weights(unwrapped, best):
             logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
             self._load_converted_weights(unwrapped, best)
-            return
-        super()._load_best_model()
+        else:
+            super()._load_best_model()
+        if best is not None and (Path(best) / EMA_STATE_NAME).is_file():
+            self._load_ema_state(best)  # the final model is then the best checkpoint's EMA
 
     # ---- Logging --------------------------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add each loss term, averaged over the micro-batches since the last training log, and the non-finite
-        guard's counters (since this trainer was created), then log."""
+        guard's counters (since this trainer was created), and the window's training throughput, then log."""
+        if "loss" in logs:
+            self._log_throughput(logs)
         if "loss" in logs and self._term_count:
             names = sorted(self._term_sums)
             means = torch.stack([self._term_sums[n] for n in names]) / self._term_count
@@ -741,11 +904,25 @@ class DiverseTrainer(Trainer):
             logs.update({f"nonfinite_{name}": count for name, count in sorted(self.nonfinite_terms.items())})
         super().log(logs, start_time)
 
+    def _log_throughput(self, logs: dict[str, float]) -> None:
+        """`images_per_second`: training images of all processes since the last training log over the window's wall
+        time, evaluation and checkpoint saving left out. One host read per log, none per step."""
+        elapsed = time.perf_counter() - self._window_start - self._window_excluded
+        images = self._window_images
+        if self.accelerator.num_processes > 1:
+            count = torch.tensor(float(images), device=self.args.device)
+            images = int(self.accelerator.reduce(count, reduction="sum").item())
+        if images and elapsed > 0:
+            logs["images_per_second"] = round(images / elapsed, 3)
+        self._window_images, self._window_start, self._window_excluded = 0, time.perf_counter(), 0.0
+
 
 __all__ = [
     "CheckpointSaveError",
     "DiverseTrainer",
     "DiverseTrainingArguments",
+    "EMA_STATE_NAME",
+    "NO_DECAY_PARAMETER_NAMES",
     "NonFiniteLossError",
     "check_checkpoint_architecture",
     "drop_gradients",

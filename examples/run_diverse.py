@@ -8,6 +8,9 @@ and saves a plain ViT checkpoint (+ image processor) that vanilla `transformers`
     accelerate launch examples/run_diverse.py
     accelerate launch examples/run_diverse.py --model facebook/deit-small-patch16-224 --dataset_name beans
     accelerate launch examples/run_diverse.py --train_dir images/train --validation_dir images/val  # imagefolder
+    accelerate launch examples/run_diverse.py --model_config_name deit-small-24 --dataset_name ILSVRC/imagenet-1k \
+        --drop_path_rate 0.1 --scale_lr --warmup_epochs 5 --model_ema  # a DeiT from scratch, DeiT recipe
+    python examples/run_diverse.py --model outputs/diverse-vit-mnist --do_train false --do_eval  # evaluate only
 
 Every field of `DiverseTrainingArguments` (all of `TrainingArguments` plus the method's coefficients) is a
 flag: `python examples/run_diverse.py --help`.
@@ -27,7 +30,8 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset
-from transformers import AutoImageProcessor, HfArgumentParser, ViTConfig, ViTImageProcessor, set_seed
+from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTConfig, ViTImageProcessor, set_seed
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
 from diverse_vit_hf.data import (
@@ -45,6 +49,7 @@ from diverse_vit_hf.data import (
 )
 from diverse_vit_hf.evaluation import make_compute_metrics
 from diverse_vit_hf.modeling import load_diverse_model
+from diverse_vit_hf.presets import DEIT_MODEL_CONFIG_NAMES, deit_config
 from diverse_vit_hf.trainer import NonFiniteLossError, resolve_resume_checkpoint
 
 logger = logging.getLogger("run_diverse")
@@ -52,6 +57,7 @@ logger = logging.getLogger("run_diverse")
 # Defaults of the offline demo; any of them can be overridden on the command line.
 DEMO_TRAINING_DEFAULTS = {
     "output_dir": "outputs/diverse-vit-mnist",
+    "do_train": True,  # --do_train false --do_eval: evaluate --model without training
     "num_train_epochs": 20,
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 256,
@@ -76,6 +82,24 @@ class ModelArguments:
         metadata={
             "help": "Hub id or local folder of a ViT/DeiT checkpoint to fine-tune (e.g. "
             "facebook/deit-small-patch16-224). Default: train a small ViT from scratch (sizes below)."
+        },
+    )
+    model_config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train a named DeiT backbone from scratch (patch 16, 224 px, MLP ratio 4, qkv bias, LayerNorm eps "
+            "1e-6; a plain ViT checkpoint is saved): deit-tiny (192 wide, 3 heads, 12 blocks), deit-small (384/6/12), "
+            "deit-small-24 (384/6/24) or deit-base (768/12/12). Replaces the from-scratch size flags below and is "
+            "normalised with the ImageNet mean/std.",
+            "choices": DEIT_MODEL_CONFIG_NAMES,
+        },
+    )
+    drop_path_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stochastic depth: block i drops its residual branches with rate i / (L - 1) * drop_path_rate "
+            "(DeiT schedule; the paper uses 0.1, also for 24 blocks). Adds no parameters: checkpoints stay plain "
+            "ViT/DeiT. Works with --model and from scratch."
         },
     )
     image_size: int = field(default=28, metadata={"help": "From scratch only: input image size in pixels."})
@@ -143,6 +167,27 @@ class DataArguments:
     )
 
 
+@dataclass
+class RecipeArguments:
+    """The DeiT recipe's learning-rate rules, applied before the Trainer is built."""
+
+    scale_lr: bool = field(
+        default=False,
+        metadata={
+            "help": "DeiT linear scaling rule: use learning_rate x global_batch / 512, where global_batch = "
+            "per_device_train_batch_size x gradient_accumulation_steps x number of processes (paper: base 5e-4 at a "
+            "global batch of 1024 gives 1e-3). The scaled rate is logged and saved in training_args.json."
+        },
+    )
+    warmup_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "Linear learning-rate warm-up length in epochs (paper: 5), converted to --warmup_steps from the "
+            "training set size and the global batch. Overrides --warmup_steps when > 0."
+        },
+    )
+
+
 def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset, str, str]:
     """Train and evaluation splits plus the resolved image/label column names."""
     if data_args.train_dir is not None:
@@ -192,10 +237,28 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset, 
 
 
 def build_model(model_args: ModelArguments, labels: list[str]):
-    """The diverse classifier and its image processor: from a checkpoint, or a small ViT from scratch."""
+    """The diverse classifier and its image processor: from a checkpoint, a named DeiT config, or a small ViT from
+    scratch; then stochastic depth (`--drop_path_rate`)."""
+    model, processor = _build_model(model_args, labels)
+    if model_args.drop_path_rate > 0:
+        rates = model.set_drop_path_rate(model_args.drop_path_rate)
+        logger.info(
+            "Stochastic depth: drop path rate %.3f in the last block (per block: %s)",
+            rates[-1],
+            [round(r, 4) for r in rates],
+        )
+    return model, processor
+
+
+def _build_model(model_args: ModelArguments, labels: list[str]):
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
     if model_args.model is not None:
+        if model_args.model_config_name is not None:
+            raise ValueError(
+                "Pass either --model (a checkpoint to fine-tune) or --model_config_name (a DeiT trained from scratch), "
+                "not both."
+            )
         model = load_diverse_model(
             model_args.model,
             allow_pickle=model_args.allow_pickle,
@@ -206,6 +269,22 @@ def build_model(model_args: ModelArguments, labels: list[str]):
         )
         processor = AutoImageProcessor.from_pretrained(model_args.model)
         return model, processor
+    if model_args.model_config_name is not None:
+        config = deit_config(
+            model_args.model_config_name,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            problem_type="single_label_classification",
+        )
+        size = config.image_size
+        processor = ViTImageProcessor(
+            size={"height": size, "width": size},
+            image_mean=IMAGENET_DEFAULT_MEAN,
+            image_std=IMAGENET_DEFAULT_STD,
+            resample=PILImageResampling.BICUBIC,  # as the training transforms, so pipelines see the same inputs
+        )
+        return DiverseViTForImageClassification(config), processor
     config = ViTConfig(
         image_size=model_args.image_size,
         patch_size=model_args.patch_size,
@@ -224,9 +303,77 @@ def build_model(model_args: ModelArguments, labels: list[str]):
             f"--image_size {size} is not a multiple of --patch_size {model_args.patch_size}; choose sizes that divide."
         )
     processor = ViTImageProcessor(
-        size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+        size={"height": size, "width": size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        resample=PILImageResampling.BICUBIC,  # as the training transforms, so pipelines see the same inputs
     )
     return DiverseViTForImageClassification(config), processor
+
+
+def global_train_batch_size(training_args: DiverseTrainingArguments) -> int:
+    """Images per optimizer step over all processes."""
+    return (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * max(training_args.world_size, 1)
+    )
+
+
+def update_steps_per_epoch(num_train_images: int, training_args: DiverseTrainingArguments) -> int:
+    """Optimizer steps per epoch, as the Trainer counts them: each process reads ceil(n / processes) images in batches
+    of per_device_train_batch_size (the last one partial unless --dataloader_drop_last), and a partial accumulation
+    window at the end of the epoch still makes a step."""
+    per_process = math.ceil(num_train_images / max(training_args.world_size, 1))
+    batch = training_args.per_device_train_batch_size
+    batches = per_process // batch if training_args.dataloader_drop_last else math.ceil(per_process / batch)
+    return max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)
+
+
+def apply_recipe(recipe_args: RecipeArguments, training_args: DiverseTrainingArguments, num_train_images: int) -> None:
+    """Apply `--scale_lr` and `--warmup_epochs` to the training arguments (in place), with a log line each."""
+    if recipe_args.warmup_epochs < 0 or not math.isfinite(recipe_args.warmup_epochs):
+        raise ValueError(f"--warmup_epochs must be a finite number >= 0 (paper: 5), got {recipe_args.warmup_epochs}.")
+    if recipe_args.scale_lr:
+        global_batch = global_train_batch_size(training_args)
+        base = training_args.learning_rate
+        training_args.learning_rate = base * global_batch / 512
+        logger.info(
+            "--scale_lr: learning rate %g x global batch %d / 512 = %g", base, global_batch, training_args.learning_rate
+        )
+    if recipe_args.warmup_epochs > 0:
+        steps_per_epoch = update_steps_per_epoch(num_train_images, training_args)
+        # At least one step: TrainingArguments reads a warmup_steps below 1 as a fraction of the training.
+        warmup = max(round(recipe_args.warmup_epochs * steps_per_epoch), 1)
+        logger.info(
+            "--warmup_epochs %g: %d warm-up steps (%d optimizer steps per epoch; replaces --warmup_steps %g)",
+            recipe_args.warmup_epochs,
+            warmup,
+            steps_per_epoch,
+            training_args.warmup_steps,
+        )
+        training_args.warmup_steps = warmup
+
+
+def check_eval_only(model_args: ModelArguments, training_args: DiverseTrainingArguments, labels: list[str]) -> None:
+    """`--do_train false` evaluates a trained checkpoint: refuse what would silently evaluate something else."""
+    if model_args.model is None:
+        raise ValueError(
+            "--do_train false evaluates a trained model: pass --model with its checkpoint folder (or Hub id)."
+        )
+    if not training_args.do_eval:
+        raise ValueError("--do_train false without --do_eval has nothing to do: add --do_eval.")
+    if training_args.resume_from_checkpoint:
+        raise ValueError("--resume_from_checkpoint continues a training; it cannot be combined with --do_train false.")
+    config = AutoConfig.from_pretrained(model_args.model)
+    if config.num_labels != len(labels):
+        raise ValueError(
+            f"--model {model_args.model} has {config.num_labels} outputs but the evaluation data has {len(labels)} "
+            "classes: evaluate it on the dataset it was trained for."
+        )
+    saved = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if saved != [str(name) for name in labels] and not all(name.startswith("LABEL_") for name in saved):
+        logger.warning("The checkpoint's class names %s differ from the dataset's %s.", saved[:10], labels[:10])
 
 
 def unknown_options_message(parser: HfArgumentParser, unknown: list[str]) -> str:
@@ -246,9 +393,9 @@ def unknown_options_message(parser: HfArgumentParser, unknown: list[str]) -> str
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, DiverseTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, DiverseTrainingArguments))
     parser.set_defaults(**DEMO_TRAINING_DEFAULTS)
-    model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
+    model_args, data_args, recipe_args, training_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
     if unknown:
@@ -256,11 +403,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    eval_only = not training_args.do_train
     # Fail before loading any data when there is nothing to resume from ("last" = newest checkpoint in output_dir).
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume_from = None
+    if not eval_only:
+        resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     train, evaluation, image_column, label_column = load_splits(data_args, training_args.seed)
     labels = class_names(train, label_column)
+    if eval_only:
+        check_eval_only(model_args, training_args, labels)
+        model_args.ignore_mismatched_sizes = False  # never evaluate a freshly initialised head
     model, processor = build_model(model_args, labels)
     height, width = image_size_from_processor(processor)
     augmentation = data_args.augmentation
@@ -293,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         augmentation,
     )
     logger.info("Diversity settings: %s", json.dumps(training_args.diversity_dict()))
+    if not eval_only:
+        apply_recipe(recipe_args, training_args, len(train))
 
     trainer = DiverseTrainer(
         model=model,
@@ -303,6 +458,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=make_compute_metrics(k=(1, min(5, len(labels)))),
         processing_class=processor,
     )
+    if eval_only:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)  # eval_results.json; no model is written
+        if trainer.is_world_process_zero():
+            print(f"\nValidation top-1 accuracy of {model_args.model}: {metrics['eval_top1']:.4f}")
+        return metrics
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
     train_result = trainer.train(resume_from_checkpoint=resume_from)

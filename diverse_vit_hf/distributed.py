@@ -1,0 +1,147 @@
+"""Which distributed set-ups the weight-level regularizer (condition-number loss on Q, K, V) supports.
+
+`DiverseTrainer.compute_loss` reads `model.attention_projection_weights()` *after* the forward pass, outside any
+FSDP/ZeRO-3 hook. Under a set-up that shards parameters, the weights it reads there are not the matrices the
+model uses:
+
+- **FSDP1** (`FullyShardedDataParallel`, `fsdp_version: 1`). Outside the forward, each rank holds a 1/N slice
+  of a flattened `FlatParameter` per wrapped unit. With `use_orig_params=True`, `q_proj.weight` is then a view
+  of this rank's slice (flattened, or empty on the ranks that hold none of it); with `use_orig_params=False` it
+  is not a registered parameter any more and no full copy exists. The loss would be computed on the wrong
+  matrices, or fail with a shape error. (Not reproducible on this project's CPU machines: FSDP1 refuses to start
+  without an accelerator, "FSDP needs a non-CPU accelerator device".)
+- **FSDP2** (`fully_shard`, `fsdp_version: 2`). Outside the forward, `q_proj.weight` is a `DTensor` sharded on
+  dim 0. Measured here (torch 2.14.1, two gloo CPU processes): the *exact* estimator on these DTensors gives
+  the full-matrix value and gradient (DTensor gathers implicitly, once per step, outside FSDP's prefetching),
+  but the loss is then a DTensor, and the released *power* estimator (the default) fails with `aten.bmm.default
+  got mixed torch.Tensor and DTensor`. The trainer's logging and non-finite guard stack plain tensors, and
+  how the regularizer's gradient, written straight into the sharded `.grad`, combines with FSDP2's own
+  reduce-scatter inside the Trainer loop has not been verified.
+- **DeepSpeed ZeRO-3** partitions the parameters too: outside the forward each rank holds an empty placeholder
+  (`param.ds_tensor` holds its partition).
+
+**Supported, and what the recipes use:** DDP (`MULTI_GPU`, `MULTI_CPU`), a single device, and DeepSpeed ZeRO-1/2.
+ZeRO-1 shards the optimizer state, ZeRO-2 also shards the gradients, but both keep a full copy of every
+parameter on every rank (DeepSpeed: "ZeRO Stage 3: the 16-bit model parameters are partitioned";
+stages 1 and 2 do not partition them). The regularizer therefore sees the true Q, K, V there.
+
+`check_weight_regularizer_supported` refuses the sharded set-ups, before training starts and with a message saying
+what to do, instead of training on wrong numbers. FSDP and ZeRO-3 remain usable with `--weight_condition_coef 0`
+(the other Diverse-ViT terms only read activations, which are full tensors on every rank).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["WeightRegularizerNotSupportedError", "check_weight_regularizer_supported", "sharded_parameter_reason"]
+
+
+class WeightRegularizerNotSupportedError(ValueError):
+    """The weight-level regularizer was asked for under a set-up that shards the parameters (FSDP, ZeRO-3)."""
+
+
+_OPTIONS = (
+    "The weight-level regularizer (--weight_condition_coef > 0) reads the full Q, K and V matrices of every block "
+    "outside the forward pass, where a sharding set-up leaves each process only its shard, so the loss would be "
+    "computed on the wrong matrices. Choose one of: (1) plain data parallelism: "
+    "`accelerate launch --config_file examples/recipes/accelerate/ddp_8gpu.yaml` (or torchrun); (2) DeepSpeed "
+    "ZeRO-1/2 (examples/recipes/accelerate/deepspeed_zero2_8gpu.yaml), which shards the optimizer state and the "
+    "gradients but keeps full parameters on every GPU; (3) keep FSDP / ZeRO-3 and pass --weight_condition_coef 0 "
+    "(the patch and attention terms still work). A ViT-S/B fits on one GPU, so (1) or (2) lose nothing. See "
+    "diverse_vit_hf/distributed.py and examples/recipes/README.md."
+)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _fsdp_module_types() -> tuple[type, ...]:
+    types: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        types.append(FullyShardedDataParallel)
+    except ImportError:
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        types.append(FSDPModule)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def sharded_parameter_reason(model: nn.Module) -> str | None:
+    """Why the parameters of `model` (possibly already wrapped) are sharded, or None when every rank holds them all.
+
+    Detects FSDP1 wrappers (`FullyShardedDataParallel`) and `FlatParameter`s, FSDP2 (`fully_shard`: an `FSDPModule`
+    or `DTensor` parameters) and DeepSpeed ZeRO-3 partitioned parameters (`ds_id` attribute).
+    """
+    fsdp_types = _fsdp_module_types()
+    for name, module in model.named_modules():
+        if fsdp_types and isinstance(module, fsdp_types):
+            kind = "FSDP2 (fully_shard)" if type(module).__name__ != "FullyShardedDataParallel" else "FSDP1"
+            return f"module {name or '<root>'!r} is wrapped by {kind}"
+    for name, parameter in model.named_parameters():
+        if _is_dtensor(parameter):
+            return f"parameter {name!r} is a DTensor with placements {tuple(parameter.placements)}"
+        if type(parameter).__name__ == "FlatParameter" or getattr(parameter, "_is_flat_param", False):
+            return f"parameter {name!r} is an FSDP1 FlatParameter"
+        if hasattr(parameter, "ds_id"):
+            return f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3"
+    return None
+
+
+def _accelerator_reason(accelerator: Any) -> str | None:
+    """Why the Accelerate set-up of `accelerator` (an `Accelerator`, or anything with its `state`) shards parameters."""
+    state = getattr(accelerator, "state", None)
+    if state is None:
+        return None
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+    if fsdp_plugin is not None:
+        version = getattr(fsdp_plugin, "fsdp_version", 1)
+        return f"Accelerate is set up for FSDP (fsdp_version {version})"
+    distributed_type = getattr(state, "distributed_type", None)
+    if str(getattr(distributed_type, "value", distributed_type)) == "FSDP":
+        return "Accelerate is set up for FSDP"
+    deepspeed_plugin = getattr(state, "deepspeed_plugin", None)
+    if deepspeed_plugin is not None:
+        stage = getattr(deepspeed_plugin, "zero_stage", None)
+        if stage is None:
+            stage = (
+                (getattr(deepspeed_plugin, "deepspeed_config", None) or {}).get("zero_optimization", {}).get("stage")
+            )
+        if stage == 3:
+            return "Accelerate is set up for DeepSpeed ZeRO stage 3 (parameters partitioned)"
+    return None
+
+
+def check_weight_regularizer_supported(
+    model: nn.Module, weight_condition_coef: float, accelerator: Any | None = None
+) -> None:
+    """Raise `WeightRegularizerNotSupportedError` (a `ValueError`) when `weight_condition_coef > 0` and the
+    parameters are, or will be, sharded (FSDP1, FSDP2, DeepSpeed ZeRO-3). Does nothing otherwise.
+
+    Call it once before training with the (not yet wrapped) model and the Trainer's `accelerator`: the Trainer wraps
+    the model only when training starts, so the Accelerate state is what tells that FSDP/ZeRO-3 is coming. A model
+    that was sharded by hand (`fully_shard`, `FullyShardedDataParallel`) is recognised from its modules/parameters.
+    """
+    if not weight_condition_coef > 0:
+        return
+    reason = _accelerator_reason(accelerator) if accelerator is not None else None
+    reason = reason or sharded_parameter_reason(model)
+    if reason is not None:
+        raise WeightRegularizerNotSupportedError(
+            f"--weight_condition_coef {weight_condition_coef} cannot be used with sharded parameters: {reason}. "
+            + _OPTIONS
+        )

@@ -1,0 +1,330 @@
+"""The recipes in examples/recipes/: scripts, their run_diverse.py flags, the accelerate configs, and the refusal
+of the weight-level regularizer under parameter sharding (diverse_vit_hf/distributed.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.commands.launch import launch_command_parser
+from accelerate.utils import DistributedType
+from transformers import HfArgumentParser, ViTConfig
+
+from diverse_vit_hf import DiverseViTForImageClassification
+from diverse_vit_hf.distributed import (
+    WeightRegularizerNotSupportedError,
+    check_weight_regularizer_supported,
+    sharded_parameter_reason,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "examples" / "recipes"
+CONFIGS = RECIPES / "accelerate"
+SCRIPT = REPO / "examples" / "run_diverse.py"
+SCRIPTS = sorted(RECIPES.glob("*.sh"))
+YAMLS = sorted(CONFIGS.glob("*.yaml"))
+BASH = shutil.which("bash")
+
+# What each recipe must contain (the paper's recipe, shared/method.md "Training recipe").
+PAPER_RUN = {
+    "learning_rate": 5e-4,
+    "scale_lr": True,
+    "per_device_train_batch_size": 128,
+    "gradient_accumulation_steps": 1,
+    "weight_decay": 0.05,
+    "lr_scheduler_type": "cosine",
+    "warmup_epochs": 5.0,
+    "num_train_epochs": 300.0,
+    "label_smoothing_factor": 0.1,
+    "mixing": True,
+    "mixup_alpha": 0.8,
+    "cutmix_alpha": 1.0,
+    "mix_switch_prob": 0.5,
+    "patch_mixing_loss": True,
+    "augmentation": "deit",
+    "drop_path_rate": 0.1,
+    "bf16": True,
+    "patch_cosine_coef": 0.5,
+    "patch_contrastive_coef": 0.5,
+    "attention_cosine_coef": 1e-4,
+    "weight_condition_coef": 5e-4,
+    "dataset_name": "ILSVRC/imagenet-1k",
+    "dataloader_num_workers": 8,
+    "report_to": ["tensorboard"],
+}
+EXPECTED = {
+    "deit_small_12_diverse_8gpu.sh": {**PAPER_RUN, "model_config_name": "deit-small", "num_processes": 8},
+    "deit_small_24_diverse_8gpu.sh": {**PAPER_RUN, "model_config_name": "deit-small-24", "num_processes": 8},
+    "finetune_single_gpu.sh": {
+        "model": "facebook/deit-small-patch16-224",
+        "dataset_name": "beans",
+        "bf16": True,
+        "num_processes": 1,
+        "weight_condition_coef": 5e-4,
+    },
+}
+EXPECTED_CONFIGS = {
+    "ddp_8gpu.yaml": (DistributedType.MULTI_GPU, 8),
+    "fsdp_8gpu.yaml": (DistributedType.FSDP, 8),
+    "deepspeed_zero2_8gpu.yaml": (DistributedType.DEEPSPEED, 8),
+    "single_gpu.yaml": (DistributedType.NO, 1),
+}
+
+
+def test_every_recipe_and_config_is_known():
+    assert sorted(p.name for p in SCRIPTS) == sorted(EXPECTED)
+    assert sorted(p.name for p in YAMLS) == sorted(EXPECTED_CONFIGS)
+    assert (RECIPES / "README.md").is_file()
+
+
+# ---- Scripts ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(BASH is None, reason="bash is not installed")
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_bash_clean_and_documented(script):
+    check = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    header = text.split("set -euo pipefail")[0]
+    for topic in ("Reproduces:", "Hardware:", "Time:"):
+        assert topic in header, f"{script.name}: header comment lacks {topic!r}"
+    assert os.access(script, os.X_OK), f"{script.name} is not executable"
+
+
+def _launch_arguments(script: Path, tmp_path: Path) -> list[str]:
+    """Run the recipe with a stub `accelerate` first on PATH (bash does every expansion, env defaults included) and
+    return the stub's arguments: `launch --config_file ... examples/run_diverse.py <flags>`."""
+    stub_dir, record = tmp_path / "bin", tmp_path / f"{script.stem}.args"
+    stub_dir.mkdir(exist_ok=True)
+    stub = stub_dir / "accelerate"
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$RECIPE_ARGS_RECORD"\n')
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "PER_DEVICE_BATCH", "GRAD_ACCUM")}
+    env.update(PATH=f"{stub_dir}{os.pathsep}{env.get('PATH', '')}", RECIPE_ARGS_RECORD=str(record))
+    env.pop("ACCELERATE_CONFIG", None)
+    env.pop("OUTPUT_DIR", None)
+    run = subprocess.run([BASH, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return record.read_text().split("\0")[:-1]
+
+
+def _load_run_diverse():
+    spec = importlib.util.spec_from_file_location("recipes_run_diverse", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)
+        raise
+    return module
+
+
+class _Parsed(Exception):
+    def __init__(self, parser: HfArgumentParser, result: tuple):
+        super().__init__("parsed")
+        self.parser, self.result = parser, result
+
+
+def _parse_like_main(module, argv: list[str]) -> tuple[HfArgumentParser, list, list[str]]:
+    """Parse `argv` with exactly the parser `run_diverse.main` builds (its dataclasses and defaults): main is run with
+    `HfArgumentParser` swapped for a subclass that stops right after `parse_args_into_dataclasses`."""
+
+    class RecordingParser(HfArgumentParser):
+        def parse_args_into_dataclasses(self, *args, **kwargs):
+            raise _Parsed(self, super().parse_args_into_dataclasses(*args, **kwargs))
+
+    original = module.HfArgumentParser
+    module.HfArgumentParser = RecordingParser
+    try:
+        with pytest.raises(_Parsed) as parsed:
+            module.main(argv)
+    finally:
+        module.HfArgumentParser = original
+    *dataclasses, unknown = parsed.value.result
+    return parsed.value.parser, dataclasses, unknown
+
+
+@pytest.fixture(scope="module")
+def run_diverse():
+    module = _load_run_diverse()
+    yield module
+    sys.modules.pop("recipes_run_diverse", None)
+
+
+@pytest.mark.skipif(BASH is None, reason="bash is not installed")
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_launch_line_parses_with_run_diverse(script, tmp_path, run_diverse):
+    arguments = _launch_arguments(script, tmp_path)
+    assert arguments[0] == "launch", arguments[:3]
+    target = "examples/run_diverse.py"
+    assert target in arguments, f"{script.name} does not launch {target}: {arguments}"
+    launch_part, flags = arguments[1 : arguments.index(target)], arguments[arguments.index(target) + 1 :]
+
+    # The accelerate part: a config file that exists and loads, and the process count.
+    launch = launch_command_parser().parse_args([*launch_part, target])
+    config_file = REPO / launch.config_file
+    assert config_file.is_file(), f"{script.name}: --config_file {launch.config_file} does not exist"
+    config = load_config_from_file(str(config_file))
+    num_processes = launch.num_processes if launch.num_processes is not None else config.num_processes
+
+    # The run_diverse.py part, parsed as main() parses it, with the flags of the commented-out optional lines
+    # (`# EXTRA_ARGS+=(...)`, e.g. the EMA) added. bf16 needs --use_cpu on a machine without a GPU.
+    optional = [
+        shlex.split(line.split("(", 1)[1].rsplit(")", 1)[0])
+        for line in script.read_text().splitlines()
+        if line.startswith("# EXTRA_ARGS+=(")
+    ]
+    argv = [*flags, *(flag for line in optional for flag in line)]
+    if not torch.cuda.is_available() and "--bf16" in argv:
+        argv.append("--use_cpu")
+    parser, parsed, unknown = _parse_like_main(run_diverse, argv)
+    assert not unknown, (
+        f"{script.name}: run_diverse.py does not know these flags (not added yet, or misspelt): "
+        + run_diverse.unknown_options_message(parser, unknown)
+    )
+    values = {"num_processes": num_processes}
+    for instance in parsed:
+        assert is_dataclass(instance)
+        values.update({f.name: getattr(instance, f.name) for f in fields(instance)})
+    for name, expected in EXPECTED[script.name].items():
+        assert name in values, f"{script.name}: run_diverse.py has no argument {name!r}"
+        assert values[name] == (pytest.approx(expected) if isinstance(expected, float) else expected), name
+    if script.name != "finetune_single_gpu.sh":
+        global_batch = num_processes * values["per_device_train_batch_size"] * values["gradient_accumulation_steps"]
+        assert global_batch == 1024, f"{script.name}: global batch {global_batch}, the paper's is 1024"
+        assert values["eval_strategy"] == "epoch" and values["save_total_limit"] is not None
+        assert values["model_ema"] is True, "the optional (commented-out) EMA line is documented and parses"
+
+
+# ---- Accelerate configs ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_file", YAMLS, ids=lambda p: p.name)
+def test_accelerate_config_is_valid(config_file):
+    config = load_config_from_file(str(config_file))  # rejects unknown top-level keys
+    assert isinstance(config, ClusterConfig)
+    distributed_type, num_processes = EXPECTED_CONFIGS[config_file.name]
+    assert config.distributed_type == distributed_type
+    assert config.num_processes == num_processes
+    assert config.mixed_precision == "bf16"
+    assert not config.use_cpu
+    # accelerate copies fsdp_config / deepspeed_config entries onto its launch arguments without checking them:
+    # every entry must name a real `accelerate launch` option.
+    options = {action.dest for action in launch_command_parser()._actions}
+    raw = yaml.safe_load(config_file.read_text())
+    for section, prefix in (("fsdp_config", "fsdp_"), ("deepspeed_config", "")):
+        for key in raw.get(section) or {}:
+            name = key if key.startswith(prefix) else prefix + key
+            assert name in options, f"{config_file.name}: {section}.{key} is not an accelerate option"
+
+
+def test_fsdp_config_shards_fully_and_wraps_vit_blocks():
+    fsdp = load_config_from_file(str(CONFIGS / "fsdp_8gpu.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # FSDP2 FULL_SHARD
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    from transformers.models.vit import modeling_vit
+
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "ViTLayer" and hasattr(modeling_vit, "ViTLayer")
+    model = DiverseViTForImageClassification(_tiny_config())
+    assert any(type(m).__name__ == "ViTLayer" for m in model.modules()), "the wrap class must occur in the model"
+
+
+def test_deepspeed_config_is_zero2_without_param_partitioning():
+    deepspeed = load_config_from_file(str(CONFIGS / "deepspeed_zero2_8gpu.yaml")).deepspeed_config
+    assert deepspeed["zero_stage"] == 2
+    assert deepspeed["offload_param_device"] == "none"
+    # Left to the Trainer ("auto"), so they always match --gradient_accumulation_steps / --max_grad_norm.
+    assert "gradient_accumulation_steps" not in deepspeed and "gradient_clipping" not in deepspeed
+
+
+# ---- Weight regularizer under parameter sharding ---------------------------------------------------------------------
+
+
+def _tiny_config() -> ViTConfig:
+    return ViTConfig(
+        image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+
+
+def _state(**kwargs) -> SimpleNamespace:
+    return SimpleNamespace(state=SimpleNamespace(**{"fsdp_plugin": None, "deepspeed_plugin": None, **kwargs}))
+
+
+def test_plain_model_ddp_and_zero2_are_supported():
+    model = DiverseViTForImageClassification(_tiny_config())
+    assert sharded_parameter_reason(model) is None
+    check_weight_regularizer_supported(model, 5e-4)
+    check_weight_regularizer_supported(model, 5e-4, _state())  # single process / DDP
+    check_weight_regularizer_supported(model, 5e-4, _state(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+
+
+@pytest.mark.parametrize(
+    ("state", "needle"),
+    [
+        ({"fsdp_plugin": SimpleNamespace(fsdp_version=2)}, "FSDP (fsdp_version 2)"),
+        ({"fsdp_plugin": SimpleNamespace(fsdp_version=1)}, "FSDP (fsdp_version 1)"),
+        ({"distributed_type": DistributedType.FSDP}, "set up for FSDP"),
+        ({"deepspeed_plugin": SimpleNamespace(zero_stage=3)}, "ZeRO stage 3"),
+    ],
+)
+def test_sharding_accelerator_setups_are_refused_before_training(state, needle):
+    # The Trainer wraps the model only when training starts: the Accelerate state is what announces FSDP/ZeRO-3.
+    model = DiverseViTForImageClassification(_tiny_config())
+    with pytest.raises(WeightRegularizerNotSupportedError) as error:
+        check_weight_regularizer_supported(model, 5e-4, _state(**state))
+    message = str(error.value)
+    assert isinstance(error.value, ValueError)
+    assert needle in message and "--weight_condition_coef 0" in message and "ZeRO-1/2" in message
+    check_weight_regularizer_supported(model, 0.0, _state(**state))  # the other terms are fine
+
+
+def test_zero3_partitioned_parameter_is_detected():
+    model = DiverseViTForImageClassification(_tiny_config())
+    model.backbone.layers[0].attention.q_proj.weight.ds_id = 0  # what DeepSpeed ZeRO-3 attaches to its parameters
+    assert "ZeRO-3" in sharded_parameter_reason(model)
+    with pytest.raises(WeightRegularizerNotSupportedError):
+        check_weight_regularizer_supported(model, 5e-4)
+
+
+def test_real_fsdp2_sharded_model_is_refused(tmp_path):
+    """Real FSDP2 (`fully_shard`) on CPU with a 1-process gloo group: the projection weights become DTensors."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DiverseViTForImageClassification(_tiny_config())
+        for layer in model.backbone.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        weights = model.attention_projection_weights()  # what DiverseTrainer.compute_loss reads, outside the forward
+        assert isinstance(weights, DTensor), type(weights)
+        assert "FSDP2" in sharded_parameter_reason(model)
+        with pytest.raises(WeightRegularizerNotSupportedError, match="cannot be used with sharded parameters"):
+            check_weight_regularizer_supported(model, 5e-4)
+        check_weight_regularizer_supported(model, 0.0)
+        # The DTensor check alone also catches it (e.g. a model whose wrapper is not visible).
+        assert any(isinstance(p, DTensor) for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
