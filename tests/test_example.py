@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO, load_script
 from transformers import ResNetConfig, ResNetForImageClassification
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_diverse.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 FAST = [
@@ -32,14 +30,6 @@ FAST = [
     "true",
     "--use_cpu",
 ]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_diverse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 VANILLA_CHECK = r"""

@@ -3,17 +3,19 @@ model EMA, eval-only mode and throughput logging. Tiny ViTs on CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import DeiTConfig, HfArgumentParser, TrainerCallback, ViTConfig, ViTModel
+from helpers import load_script as _load_script
+from helpers import make_args as _make_args
+from helpers import make_dataset as _make_dataset
+from helpers import snapshot, tiny_config
+from transformers import DeiTConfig, HfArgumentParser, TrainerCallback, ViTModel
 
 import diverse_vit_hf.trainer as trainer_module
 from diverse_vit_hf import (
@@ -29,9 +31,6 @@ from diverse_vit_hf import (
 from diverse_vit_hf.data import collate_image_batch
 from diverse_vit_hf.modeling import BranchDropout
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "examples" / "run_diverse.py"
-NUM_LABELS = 4
 FAST = [
     "--max_train_samples",
     "64",
@@ -53,45 +52,13 @@ FAST = [
 ]
 
 
-def tiny_config(**overrides) -> ViTConfig:
-    values = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=4,
-        num_labels=NUM_LABELS,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    values.update(overrides)
-    return ViTConfig(**values)
-
-
 def make_args(output_dir: Path, **overrides) -> DiverseTrainingArguments:
-    values = dict(
-        output_dir=str(output_dir),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-        logging_steps=1,
-        learning_rate=1e-2,
-        weight_estimator="exact",
-    )
-    values.update(overrides)
-    return DiverseTrainingArguments(**values)
+    defaults = {"logging_steps": 1, "learning_rate": 1e-2, "weight_estimator": "exact"}
+    return _make_args(output_dir, **{**defaults, **overrides})
 
 
 def make_dataset(size: int = 32, seed: int = 0) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(size, 3, 16, 16, generator=generator)
-    labels = torch.randint(0, NUM_LABELS, (size,), generator=generator)
-    return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.tolist()}).with_format("torch")
+    return _make_dataset(size, seed)
 
 
 def make_trainer(output_dir: Path, model_seed: int = 0, dataset_size: int = 32, collator=None, **overrides):
@@ -106,16 +73,8 @@ def make_trainer(output_dir: Path, model_seed: int = 0, dataset_size: int = 32, 
     )
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
-
-
 def load_script():
-    spec = importlib.util.spec_from_file_location("run_diverse_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return _load_script(name="run_diverse_recipe")
 
 
 class WeightRecorder(TrainerCallback):

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import copy
 import errno
-import importlib.util
 import io
 import json
 import logging
 import math
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
+from helpers import REPO, load_script, snapshot, tiny_config
+from helpers import make_args as _make_args
+from helpers import make_dataset as _make_dataset
 from PIL import Image as PILImage
-from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+from transformers import TrainerCallback, ViTForImageClassification
 from transformers.trainer_utils import get_last_checkpoint
 
 import diverse_vit_hf.trainer as trainer_module
@@ -35,9 +36,6 @@ from diverse_vit_hf import (
 from diverse_vit_hf.data import UnreadableImageError, collate_image_batch
 from diverse_vit_hf.trainer import CheckpointSaveError, NonFiniteLossError, drop_gradients
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "examples" / "run_diverse.py"
-NUM_LABELS = 4
 SECRET = "hf_secretTOKENabcdefghijklmnopqrstuvwxyz0123"
 FAST = [
     "--max_train_samples",
@@ -60,44 +58,12 @@ FAST = [
 ]
 
 
-def tiny_config(**overrides) -> ViTConfig:
-    values = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=4,
-        num_labels=NUM_LABELS,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    values.update(overrides)
-    return ViTConfig(**values)
-
-
 def make_args(output_dir: Path, **overrides) -> DiverseTrainingArguments:
-    values = dict(
-        output_dir=str(output_dir),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-        logging_steps=1,
-        learning_rate=1e-2,
-    )
-    values.update(overrides)
-    return DiverseTrainingArguments(**values)
+    return _make_args(output_dir, **{"logging_steps": 1, "learning_rate": 1e-2, **overrides})
 
 
 def make_dataset(size: int = 32, seed: int = 0) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(size, 3, 16, 16, generator=generator)
-    labels = torch.randint(0, NUM_LABELS, (size,), generator=generator)
-    return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.tolist()}).with_format("torch")
+    return _make_dataset(size, seed)
 
 
 def make_trainer(output_dir: Path, model_seed: int = 0, dataset_size: int = 32, collator=None, **overrides):
@@ -109,10 +75,6 @@ def make_trainer(output_dir: Path, model_seed: int = 0, dataset_size: int = 32, 
         train_dataset=make_dataset(dataset_size),
         data_collator=collator or collate_image_batch,
     )
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
 def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
@@ -160,14 +122,6 @@ def nan_on_calls(function, calls: set[int]):
 
 def training_logs(trainer: DiverseTrainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_diverse_reliability", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------------------------------

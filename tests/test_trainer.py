@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
-from transformers import HfArgumentParser, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+from helpers import NUM_LABELS, make_batch, make_dataset, tiny_config
+from helpers import make_args as _make_args
+from transformers import HfArgumentParser, Trainer, TrainingArguments, ViTForImageClassification
 
 from diverse_vit_hf import (
     DiverseTrainer,
@@ -22,7 +23,11 @@ from diverse_vit_hf import (
 from diverse_vit_hf.data import collate_image_batch
 from diverse_vit_hf.mixing import PatchMixupCutmix
 
-NUM_LABELS = 4
+
+def make_args(tmp_path, **overrides) -> DiverseTrainingArguments:
+    return _make_args(tmp_path / "out", **overrides)
+
+
 PLAIN = {
     "patch_cosine_coef": 0.0,
     "patch_contrastive_coef": 0.0,
@@ -31,51 +36,6 @@ PLAIN = {
     "mixing": False,
     "patch_mixing_loss": False,
 }
-
-
-def tiny_config(**overrides) -> ViTConfig:
-    values = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=4,
-        num_labels=NUM_LABELS,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    values.update(overrides)
-    return ViTConfig(**values)
-
-
-def make_args(tmp_path, **overrides) -> DiverseTrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return DiverseTrainingArguments(**values)
-
-
-def make_batch(batch_size: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "pixel_values": torch.randn(batch_size, 3, 16, 16, generator=generator),
-        "labels": torch.randint(0, NUM_LABELS, (batch_size,), generator=generator),
-    }
-
-
-def make_dataset(size: int = 16, seed: int = 0) -> Dataset:
-    batch = make_batch(size, seed)
-    dataset = Dataset.from_dict({"pixel_values": batch["pixel_values"].numpy(), "labels": batch["labels"].tolist()})
-    return dataset.with_format("torch")
 
 
 def test_loss_equals_hand_summed_terms_from_stock_model(tmp_path):

@@ -1,0 +1,81 @@
+"""Builders shared by the test files: a tiny ViT, training arguments, random image batches, script loading."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from datasets import Dataset
+from transformers import ViTConfig
+
+from diverse_vit_hf import DiverseTrainingArguments
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_DIVERSE = REPO / "examples" / "run_diverse.py"
+NUM_LABELS = 4
+
+
+def tiny_config(**overrides) -> ViTConfig:
+    """A 2-block ViT (hidden 32, 4 heads) on 16x16 images with 4x4 patches (P = 16), no dropout."""
+    values = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_labels=NUM_LABELS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    values.update(overrides)
+    return ViTConfig(**values)
+
+
+def make_args(output_dir: str | Path, **overrides) -> DiverseTrainingArguments:
+    """CPU, no reporting, no saving, no workers, seed 0; `overrides` win."""
+    values = dict(
+        output_dir=str(output_dir),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return DiverseTrainingArguments(**values)
+
+
+def make_batch(batch_size: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`pixel_values` (B, 3, 16, 16) ~ N(0, 1) and `labels` (B,) in [0, NUM_LABELS), from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.randn(batch_size, 3, 16, 16, generator=generator),
+        "labels": torch.randint(0, NUM_LABELS, (batch_size,), generator=generator),
+    }
+
+
+def make_dataset(size: int = 16, seed: int = 0) -> Dataset:
+    """`make_batch(size, seed)` as a torch-formatted `datasets.Dataset`."""
+    batch = make_batch(size, seed)
+    dataset = Dataset.from_dict({"pixel_values": batch["pixel_values"].numpy(), "labels": batch["labels"].tolist()})
+    return dataset.with_format("torch")
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state dict."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def load_script(path: Path = RUN_DIVERSE, name: str = "run_diverse") -> ModuleType:
+    """Import a script as a module (registered in sys.modules: dataclasses resolve string annotations there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
