@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 examples/run_diverse.py $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check diverse_vit_hf examples tests benchmarks
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
