@@ -110,8 +110,10 @@ class SavedTensorMeter:
         return sum(self.storages.values())
 
 
-def vit_config(name: str) -> ViTConfig:
+def vit_config(name: str, image_size: int | None = None) -> ViTConfig:
     values = {"image_size": 224, "patch_size": 16, "num_labels": 1000, **CONFIGS[name]}
+    if image_size is not None:
+        values["image_size"] = image_size
     return ViTConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **values)
 
 
@@ -210,7 +212,7 @@ def build_variants(
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads) if args.threads else None
     device = args.device
-    config = vit_config(args.config)
+    config = vit_config(args.config, args.image_size)
     size = config.image_size
     generator = torch.Generator().manual_seed(0)
     batch = {
@@ -329,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="deit-tiny")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=None, help="override the config's image size (e.g. 384)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
