@@ -2,7 +2,9 @@
 
 Embedded real data sets (no network) are turned into `datasets.Dataset`s with an `Image` feature and a
 `ClassLabel`, so they go through exactly the pipeline used for ImageNet or any Hub image dataset:
-column detection, lazy torchvision transforms via `set_transform`, and a collator.
+column detection, lazy torchvision transforms via `set_transform`, and a collator. Streamed datasets
+(`datasets.IterableDataset`, `--streaming`) go through the same column detection and the same per-image transform,
+applied with `IterableDataset.map` instead.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_from_disk
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, Value, load_from_disk
 from PIL import Image as PILImage
 from torchvision.transforms import v2 as T
 
@@ -26,6 +29,9 @@ IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "jpg", "pn
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "cls")
 AUGMENTATIONS = ("none", "light", "deit")
 CORRUPT_IMAGE_MODES = ("fail", "skip")
+# Examples per `IterableDataset.map` call on a stream: small, so the first batch of a stream is ready quickly and only a
+# few decoded images wait in memory (the DataLoader batches them again).
+STREAM_MAP_BATCH_SIZE = 16
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +125,20 @@ def load_embedded_dataset(name: str, cache: bool = True) -> Dataset:
 
 
 def resolve_columns(
-    dataset: Dataset, image_column: str | None = None, label_column: str | None = None
+    dataset: Dataset | IterableDataset, image_column: str | None = None, label_column: str | None = None
 ) -> tuple[str, str]:
-    """Find the image and label columns (explicit names win), with an actionable error when missing."""
-    columns = list(dataset.column_names)
-    features = dataset.features
+    """Find the image and label columns (explicit names win), with an actionable error when missing.
+
+    Columns are found by feature type first (one `Image`, one `ClassLabel` column), then by name. A stream whose
+    `features` are unknown (`None`) is detected by name only, from the columns of its first example.
+    """
+    features = dataset.features or {}
+    columns = dataset.column_names
+    if columns is None:
+        # Some streams only know their columns once read: peek at the first example (no full pass over the data).
+        first = next(iter(dataset.take(1)), None)
+        columns = list(first) if first is not None else []
+    columns = list(columns)
 
     def pick(explicit: str | None, kind: str, feature_type: type, candidates: Sequence[str], flag: str) -> str:
         if explicit is not None:
@@ -181,9 +196,38 @@ def ensure_class_labels(dataset: Dataset | DatasetDict, label_column: str) -> Da
     return DatasetDict(encoded) if isinstance(dataset, DatasetDict) else encoded[""]
 
 
-def class_names(dataset: Dataset, label_column: str) -> list[str]:
+def stream_class_label(splits: dict[str, IterableDataset], label_column: str) -> ClassLabel:
+    """The `ClassLabel` of a streamed label column, the same in every split.
+
+    A stream cannot be read in full to collect its class names up front (what `ensure_class_labels` does), so the
+    dataset must declare them: its label column must be a `ClassLabel` (Hub datasets with a `dataset_info`, local
+    image folders).
+    """
+    found: ClassLabel | None = None
+    for name, split in splits.items():
+        feature = (split.features or {}).get(label_column)
+        if not isinstance(feature, ClassLabel):
+            described = "unknown (the stream declares no features)" if split.features is None else str(feature)
+            raise ValueError(
+                f"--streaming needs the class names up front, but the label column {label_column!r} of the "
+                f"{name!r} split has type {described}. Pass a dataset whose label column is a ClassLabel (e.g. a local "
+                "image folder, or a Hub dataset that declares its features), or drop --streaming to collect the "
+                "class names from the data."
+            )
+        if found is not None and feature.names != found.names:
+            raise ValueError(
+                f"The streamed splits name different classes in {label_column!r} ({found.names[:10]} vs "
+                f"{feature.names[:10]}): a class index would mean different classes in training and evaluation."
+            )
+        found = feature
+    if found is None:
+        raise ValueError("No split to read the class names from.")
+    return found
+
+
+def class_names(dataset: Dataset | IterableDataset, label_column: str) -> list[str]:
     """The class names of a `ClassLabel` column, in index order."""
-    feature = dataset.features[label_column]
+    feature = (dataset.features or {}).get(label_column)
     if not isinstance(feature, ClassLabel):
         raise ValueError(f"Column {label_column!r} is not a ClassLabel; call ensure_class_labels first.")
     return list(feature.names)
@@ -282,7 +326,8 @@ def open_image(value: Any) -> PILImage.Image:
 
 
 class ImageBatchTransform:
-    """The `set_transform` callable of `apply_image_transform`: decode, transform and label a batch of examples.
+    """The per-batch function of `apply_image_transform` (`set_transform` on a `Dataset`, `map` on a stream): decode,
+    transform and label a batch of examples.
 
     With `corrupt_images="skip"`, an unreadable image gives `pixel_values=None` (dropped by `collate_image_batch`), a
     warning naming the file, and an entry in `skipped` (the paths skipped in *this* process: data-loader workers keep
@@ -322,30 +367,48 @@ class ImageBatchTransform:
         }
 
 
+# The transform installed on each stream by `apply_image_transform`: a stream has no format to keep it in, and the
+# map keeps no public reference to its function. Weak keys: a dropped stream frees its entry.
+_STREAM_TRANSFORMS: weakref.WeakKeyDictionary[IterableDataset, ImageBatchTransform] = weakref.WeakKeyDictionary()
+
+
 def apply_image_transform(
-    dataset: Dataset,
+    dataset: Dataset | IterableDataset,
     transform: Callable[[PILImage.Image], torch.Tensor],
     image_column: str,
     label_column: str,
     corrupt_images: str = "fail",
-) -> Dataset:
-    """Lazily map examples to `{"pixel_values": (3, H, W) tensor, "labels": int}` with `set_transform`.
+) -> Dataset | IterableDataset:
+    """Lazily map examples to `{"pixel_values": (3, H, W) tensor, "labels": int}`.
 
-    The image column is read undecoded (`Image(decode=False)`) and decoded by `open_image`, so an unreadable file is
-    reported with its path. `corrupt_images="fail"` (default) raises `UnreadableImageError` at the first such file;
-    `"skip"` leaves it out of its batch (see `ImageBatchTransform`).
+    A `Dataset` gets the transform with `set_transform`; a stream (`IterableDataset`) with a batched `map` that replaces
+    every column. Both run the same `ImageBatchTransform`: the image column is read undecoded (`Image(decode=False)`)
+    and decoded by `open_image`, so an unreadable file is reported with its path. `corrupt_images="fail"` (default)
+    raises `UnreadableImageError` at the first such file; `"skip"` leaves it out of its batch (see
+    `ImageBatchTransform`).
     """
     batch_transform = ImageBatchTransform(transform, image_column, label_column, corrupt_images)
-    feature = dataset.features.get(image_column)
+    feature = (dataset.features or {}).get(image_column)
     if isinstance(feature, Image) and feature.decode:
         dataset = dataset.cast_column(image_column, Image(decode=False))
+    if isinstance(dataset, IterableDataset):
+        # Columns are replaced, not added to: the undecoded image and the raw label are not needed past this point.
+        # With unknown features the other columns stay; the collator reads only pixel_values and labels.
+        dataset = dataset.map(
+            batch_transform, batched=True, batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=dataset.column_names
+        )
+        _STREAM_TRANSFORMS[dataset] = batch_transform
+        return dataset
     dataset.set_transform(batch_transform)
     return dataset
 
 
-def skipped_images(dataset: Dataset) -> list[str]:
+def skipped_images(dataset: Dataset | IterableDataset) -> list[str]:
     """The unreadable images skipped so far (in this process) by the transform `apply_image_transform` installed."""
-    batch_transform = (dataset.format.get("format_kwargs") or {}).get("transform")
+    if isinstance(dataset, IterableDataset):
+        batch_transform = _STREAM_TRANSFORMS.get(dataset)
+    else:
+        batch_transform = (dataset.format.get("format_kwargs") or {}).get("transform")
     return list(batch_transform.skipped) if isinstance(batch_transform, ImageBatchTransform) else []
 
 
@@ -386,4 +449,5 @@ __all__ = [
     "open_image",
     "resolve_columns",
     "skipped_images",
+    "stream_class_label",
 ]

@@ -8,6 +8,8 @@ and saves a plain ViT checkpoint (+ image processor) that vanilla `transformers`
     accelerate launch examples/run_diverse.py
     accelerate launch examples/run_diverse.py --model facebook/deit-small-patch16-224 --dataset_name beans
     accelerate launch examples/run_diverse.py --train_dir images/train --validation_dir images/val  # imagefolder
+    accelerate launch examples/run_diverse.py --model facebook/deit-small-patch16-224 \
+        --dataset_name ILSVRC/imagenet-1k --streaming --max_steps 100000  # read while training, nothing on disk
     accelerate launch examples/run_diverse.py --model_config_name deit-small-24 --dataset_name ILSVRC/imagenet-1k \
         --drop_path_rate 0.1 --scale_lr --warmup_epochs 5 --model_ema  # a DeiT from scratch, DeiT recipe
     python examples/run_diverse.py --model outputs/diverse-vit-mnist --do_train false --do_eval  # evaluate only
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTConfig, ViTImageProcessor, set_seed
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
@@ -46,6 +48,7 @@ from diverse_vit_hf.data import (
     load_embedded_dataset,
     resolve_columns,
     skipped_images,
+    stream_class_label,
 )
 from diverse_vit_hf.evaluation import make_compute_metrics
 from diverse_vit_hf.modeling import load_diverse_model
@@ -158,6 +161,24 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream --dataset_name (or --train_dir/--validation_dir) instead of downloading and converting it "
+            "first: for data that does not fit on disk. Needs --max_steps (a stream has no length), a validation or "
+            "test split (no --train_val_split on a stream) and a ClassLabel label column. Training order is shuffled "
+            "in a buffer of --shuffle_buffer_size examples (and by shard), re-seeded every epoch (one pass over the "
+            "stream); --max_train_samples takes the first N examples of each epoch's shuffled stream, "
+            "--max_eval_samples the same N examples at every evaluation."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=10000,
+        metadata={
+            "help": "With --streaming: examples held in the shuffle buffer (larger shuffles better and holds more "
+            "undecoded images in memory)."
+        },
+    )
     augmentation: str = field(
         default="auto",
         metadata={
@@ -188,22 +209,14 @@ class RecipeArguments:
     )
 
 
-def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset, str, str]:
-    """Train and evaluation splits plus the resolved image/label column names."""
+def load_splits(
+    data_args: DataArguments, seed: int
+) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset, str, str]:
+    """Train and evaluation splits plus the resolved image/label column names (streams with `--streaming`)."""
+    if data_args.streaming:
+        return load_streamed_splits(data_args, seed)
     if data_args.train_dir is not None:
-        if data_args.dataset_name is not None:
-            raise ValueError("Pass either --dataset_name or --train_dir (a local image folder), not both.")
-        data_files = {}
-        for split, folder, flag in (
-            ("train", data_args.train_dir, "--train_dir"),
-            ("validation", data_args.validation_dir, "--validation_dir"),
-        ):
-            if folder is None:
-                continue
-            if not os.path.isdir(folder):
-                raise ValueError(f"{flag} {folder}: no such folder. Pass a folder with one sub-folder per class.")
-            data_files[split] = os.path.join(folder, "**")
-        dataset = load_dataset("imagefolder", data_files=data_files)
+        dataset = load_dataset("imagefolder", data_files=image_folder_files(data_args))
     elif data_args.validation_dir is not None:
         raise ValueError("--validation_dir needs --train_dir (both local image folders).")
     elif data_args.dataset_name is None:
@@ -234,6 +247,104 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset, 
         if len(split_data) == 0:
             raise ValueError(f"The {name} split is empty; check --max_*_samples and --train_val_split.")
     return train, evaluation, image_column, label_column
+
+
+def image_folder_files(data_args: DataArguments) -> dict[str, str]:
+    """`data_files` of the imagefolder loader for --train_dir (and --validation_dir)."""
+    if data_args.dataset_name is not None:
+        raise ValueError("Pass either --dataset_name or --train_dir (a local image folder), not both.")
+    data_files = {}
+    for split, folder, flag in (
+        ("train", data_args.train_dir, "--train_dir"),
+        ("validation", data_args.validation_dir, "--validation_dir"),
+    ):
+        if folder is None:
+            continue
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag} {folder}: no such folder. Pass a folder with one sub-folder per class.")
+        data_files[split] = os.path.join(folder, "**")
+    return data_files
+
+
+def load_streamed_splits(data_args: DataArguments, seed: int) -> tuple[IterableDataset, IterableDataset, str, str]:
+    """`--streaming`: train and evaluation splits as `IterableDataset`s (read while training, never stored whole),
+    plus the image/label column names.
+
+    A stream has no length and cannot be read twice cheaply, so what the map-style path computes from the whole data
+    must be declared instead: the class names (a `ClassLabel` label column) and the evaluation split (no
+    `--train_val_split`). Training examples are shuffled by shard and in a buffer; the Trainer re-seeds that shuffle
+    every epoch (one epoch = one pass over the stream) through `IterableDataset.set_epoch`.
+
+    Several processes: Accelerate dispatches batches of an `IterableDataset` by default (`dispatch_batches`): process
+    0 alone reads the stream (and runs the transforms, in its data-loader workers), collates one batch per process and
+    sends each process its slice, so every image is used once per pass. With `--accelerator_config
+    '{"dispatch_batches": false}'` each process reads the stream itself: a stream with at least as many shards as
+    processes is split shard-wise (`IterableDataset.shard`), otherwise every process reads all of it and keeps its own
+    slice of each global batch (`IterableDatasetShard`). The shuffle seed is the same on every process.
+    """
+    if data_args.shuffle_buffer_size < 1:
+        raise ValueError(f"--shuffle_buffer_size must be >= 1, got {data_args.shuffle_buffer_size}.")
+    for flag, value in (
+        ("--max_train_samples", data_args.max_train_samples),
+        ("--max_eval_samples", data_args.max_eval_samples),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} would leave an empty split: pass a positive number or leave it out.")
+    if data_args.train_dir is not None:
+        dataset = load_dataset("imagefolder", data_files=image_folder_files(data_args), streaming=True)
+        no_eval_hint = "Pass --validation_dir with a folder of evaluation images laid out as --train_dir"
+    elif data_args.validation_dir is not None:
+        raise ValueError("--validation_dir needs --train_dir (both local image folders).")
+    elif data_args.dataset_name is None:
+        raise ValueError(
+            "--streaming reads a Hub dataset (--dataset_name) or local image folders (--train_dir/--validation_dir); "
+            f"the embedded dataset {data_args.embedded_dataset!r} is small and in memory: drop --streaming."
+        )
+    else:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming=True)
+        no_eval_hint = (
+            "Pick a dataset (or --dataset_config_name) that has one, or drop --streaming to hold out "
+            f"--train_val_split of {data_args.dataset_name}"
+        )
+    if "train" not in dataset:
+        raise ValueError(f"The dataset has no 'train' split (splits: {list(dataset)}).")
+    eval_split = next((s for s in ("validation", "valid", "val", "test") if s in dataset), None)
+    if eval_split is None:
+        raise ValueError(
+            f"--streaming needs an evaluation split (validation, valid, val or test), but the dataset has only "
+            f"{list(dataset)}: a stream cannot be split with --train_val_split. {no_eval_hint}."
+        )
+    train, evaluation = dataset["train"], dataset[eval_split]
+    image_column, label_column = resolve_columns(train, data_args.image_column_name, data_args.label_column_name)
+    stream_class_label({"train": train, eval_split: evaluation}, label_column)
+    # Shuffle before take: --max_*_samples then draw from the whole stream (shards in random order), not only from
+    # its first shard (an image folder lists its files class by class).
+    train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    if data_args.max_train_samples is not None:
+        train = train.take(data_args.max_train_samples)
+    if data_args.max_eval_samples is not None:
+        # Fixed seed and no set_epoch on the evaluation stream: every evaluation reads the same examples.
+        evaluation = evaluation.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+        evaluation = evaluation.take(data_args.max_eval_samples)
+    return train, evaluation, image_column, label_column
+
+
+def check_streaming(
+    data_args: DataArguments, recipe_args: RecipeArguments, training_args: DiverseTrainingArguments
+) -> None:
+    """Refuse, before any data is read, what a stream (no length) cannot do."""
+    if not data_args.streaming or not training_args.do_train:
+        return
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise ValueError(
+            "--streaming needs --max_steps > 0: a stream has no length, so the number of training steps cannot be "
+            "derived from --num_train_epochs. Pass e.g. --max_steps 10000 (optimizer steps)."
+        )
+    if recipe_args.warmup_epochs > 0:
+        raise ValueError(
+            "--warmup_epochs needs the training set size, which a stream does not have: with --streaming, give the "
+            "warm-up in optimizer steps with --warmup_steps."
+        )
 
 
 def build_model(model_args: ModelArguments, labels: list[str]):
@@ -404,6 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     eval_only = not training_args.do_train
+    check_streaming(data_args, recipe_args, training_args)
     # Fail before loading any data when there is nothing to resume from ("last" = newest checkpoint in output_dir).
     resume_from = None
     if not eval_only:
@@ -436,9 +548,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         corrupt_images=corrupt,
     )
     logger.info(
-        "%d training / %d evaluation images, %d classes, %dx%d px, patch %s, augmentation=%s",
-        len(train),
-        len(evaluation),
+        "%s training / %s evaluation images, %d classes, %dx%d px, patch %s, augmentation=%s",
+        "streamed" if data_args.streaming else len(train),
+        "streamed" if data_args.streaming else len(evaluation),
         len(labels),
         height,
         width,
@@ -447,12 +559,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     logger.info("Diversity settings: %s", json.dumps(training_args.diversity_dict()))
     if not eval_only:
-        apply_recipe(recipe_args, training_args, len(train))
+        # A stream has no length; check_streaming refused --warmup_epochs, the only rule that needs it.
+        apply_recipe(recipe_args, training_args, 0 if data_args.streaming else len(train))
 
     trainer = DiverseTrainer(
         model=model,
         args=training_args,
-        train_dataset=train,
+        # Evaluating only: a stream would need --max_steps just to build the Trainer, and is never read.
+        train_dataset=None if eval_only and data_args.streaming else train,
         eval_dataset=evaluation,
         data_collator=collate_image_batch,
         compute_metrics=make_compute_metrics(k=(1, min(5, len(labels)))),
