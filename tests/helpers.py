@@ -11,7 +11,8 @@ import torch
 from datasets import Dataset
 from transformers import ViTConfig
 
-from diverse_vit_hf import DiverseTrainingArguments
+from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
+from diverse_vit_hf.data import collate_image_batch
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_DIVERSE = REPO / "examples" / "run_diverse.py"
@@ -79,3 +80,21 @@ def load_script(path: Path = RUN_DIVERSE, name: str = "run_diverse") -> ModuleTy
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def build_trainer(
+    args: DiverseTrainingArguments,
+    model_seed: int = 0,
+    dataset_size: int = 32,
+    collator=None,
+    eval_dataset: Dataset | None = None,
+) -> DiverseTrainer:
+    """A `DiverseTrainer` on a freshly seeded `tiny_config()` model and `make_dataset(dataset_size)`."""
+    torch.manual_seed(model_seed)
+    return DiverseTrainer(
+        model=DiverseViTForImageClassification(tiny_config()),
+        args=args,
+        train_dataset=make_dataset(dataset_size),
+        eval_dataset=eval_dataset,
+        data_collator=collator or collate_image_batch,
+    )

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from helpers import build_trainer, snapshot, tiny_config
 from helpers import load_script as _load_script
 from helpers import make_args as _make_args
 from helpers import make_dataset as _make_dataset
-from helpers import snapshot, tiny_config
 from transformers import DeiTConfig, HfArgumentParser, TrainerCallback, ViTModel
 
 import diverse_vit_hf.trainer as trainer_module
@@ -62,15 +62,8 @@ def make_dataset(size: int = 32, seed: int = 0) -> Dataset:
 
 
 def make_trainer(output_dir: Path, model_seed: int = 0, dataset_size: int = 32, collator=None, **overrides):
-    torch.manual_seed(model_seed)
-    model = DiverseViTForImageClassification(tiny_config())
-    return DiverseTrainer(
-        model=model,
-        args=make_args(output_dir, **overrides),
-        train_dataset=make_dataset(dataset_size),
-        eval_dataset=make_dataset(16, seed=1),
-        data_collator=collator or collate_image_batch,
-    )
+    args = make_args(output_dir, **overrides)
+    return build_trainer(args, model_seed, dataset_size, collator, eval_dataset=make_dataset(16, seed=1))
 
 
 def load_script():

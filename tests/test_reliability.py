@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
-from helpers import REPO, load_script, snapshot, tiny_config
+from helpers import REPO, build_trainer, load_script, snapshot, tiny_config
 from helpers import make_args as _make_args
 from helpers import make_dataset as _make_dataset
 from PIL import Image as PILImage
@@ -67,14 +67,7 @@ def make_dataset(size: int = 32, seed: int = 0) -> Dataset:
 
 
 def make_trainer(output_dir: Path, model_seed: int = 0, dataset_size: int = 32, collator=None, **overrides):
-    torch.manual_seed(model_seed)
-    model = DiverseViTForImageClassification(tiny_config())
-    return DiverseTrainer(
-        model=model,
-        args=make_args(output_dir, **overrides),
-        train_dataset=make_dataset(dataset_size),
-        data_collator=collator or collate_image_batch,
-    )
+    return build_trainer(make_args(output_dir, **overrides), model_seed, dataset_size, collator)
 
 
 def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
