@@ -51,5 +51,6 @@ __all__ = [
 # Paper-recipe helpers (issue 3): model EMA and the named DeiT configurations.
 from .ema import ModelEMA
 from .presets import DEIT_MODEL_CONFIG_NAMES, deit_config
+from .sampling import RepeatedAugmentationSampler
 
-__all__ += ["DEIT_MODEL_CONFIG_NAMES", "ModelEMA", "deit_config"]
+__all__ += ["DEIT_MODEL_CONFIG_NAMES", "ModelEMA", "RepeatedAugmentationSampler", "deit_config"]

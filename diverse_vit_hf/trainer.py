@@ -65,7 +65,7 @@ import torch
 from datasets import ClassLabel
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length, rotate_checkpoints
 
 from .configuration import DiversityConfig
 from .distributed import check_weight_regularizer_supported
@@ -82,6 +82,7 @@ from .regularizers import (
     soft_target_cross_entropy,
     weight_condition_loss,
 )
+from .sampling import RepeatedAugmentationSampler
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,14 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
             "only checkpoints the EMA. The paper reports the raw model."
         },
     )
+    repeated_augmentations: int = field(
+        default=1,
+        metadata={
+            "help": "DeiT repeated augmentation: each training image is used this many times per epoch, each copy "
+            "augmented differently and sent to a different process, with the epoch kept as long as without "
+            "repetition (DeiT: 3). 1 disables it. Needs a dataset with a length (not --streaming)."
+        },
+    )
 
     def __post_init__(self) -> None:
         TrainingArguments.__post_init__(self)
@@ -174,6 +183,11 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
             )
         if not 0.0 <= self.model_ema_decay < 1.0:
             raise ValueError(f"`model_ema_decay` must lie in [0, 1) (DeiT: 0.99996), got {self.model_ema_decay}.")
+        if not isinstance(self.repeated_augmentations, int) or self.repeated_augmentations < 1:
+            raise ValueError(
+                f"`repeated_augmentations` must be an integer >= 1 (1 disables it, DeiT uses 3), got "
+                f"{self.repeated_augmentations!r}."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickles never carry Hub tokens: every `*_token` field is dropped. The stock Trainer pickles the arguments
@@ -452,6 +466,24 @@ class DiverseTrainer(Trainer):
             self.add_callback(_ModelEMACallback(self))
 
     # ---- Optimizer ------------------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        """The stock sampler, or DeiT's repeated-augmentation sampler with `--repeated_augmentations > 1`."""
+        if self.args.repeated_augmentations <= 1:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if dataset is None or not has_length(dataset):
+            raise ValueError(
+                "--repeated_augmentations needs a training dataset with a length; a streamed dataset has none. "
+                "Drop --streaming or use --repeated_augmentations 1."
+            )
+        return RepeatedAugmentationSampler(
+            len(dataset),
+            num_repeats=self.args.repeated_augmentations,
+            num_replicas=self.args.world_size,
+            batch_size=self.args.per_device_train_batch_size,
+            seed=self.args.seed,
+        )
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters AdamW decays: the stock rule (no biases, no LayerNorm weights) minus every other

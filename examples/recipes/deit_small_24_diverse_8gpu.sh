@@ -23,7 +23,7 @@
 #   global_batch / 512 (--scale_lr) -> 1e-3; weight decay 0.05; cosine schedule with 5 warm-up epochs; 300 epochs;
 #   label smoothing 0.1; Mixup 0.8 / CutMix 1.0 switched 50/50, always on (the run_diverse.py defaults); DeiT
 #   augmentation (RandomResizedCrop, flip, RandAugment m9-mstd0.5, RandomErasing 0.25); stochastic depth 0.1; bf16.
-#   Not carried over from DeiT/timm: repeated augmentation. The HF Trainer clips gradients at norm 1.0 by
+#   Repeated augmentation x3 (DeiT's RASampler). The HF Trainer clips gradients at norm 1.0 by
 #   default (DeiT does not clip); pass --max_grad_norm 0 for no clipping.
 #
 # Environment overrides (defaults in brackets):
@@ -68,6 +68,7 @@ accelerate launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_GPUS"
     --mix_switch_prob 0.5 \
     --augmentation deit \
     --drop_path_rate 0.1 \
+    --repeated_augmentations 3 \
     --patch_cosine_coef 0.5 \
     --patch_contrastive_coef 0.5 \
     --attention_cosine_coef 1e-4 \
