@@ -40,6 +40,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .fileio import atomic_write, atomic_write_text
+from .regularizers import unit_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +111,6 @@ SUMMARY_METRICS = (
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """`x / max(||x||_2, 1e-8)` along the last axis (a zero vector stays zero, so its cosines are 0)."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-
-
 def _off_diagonal_mean(gram: torch.Tensor) -> torch.Tensor:
     """Mean of the off-diagonal entries of a batch of square matrices `(B, M, M)` -> `(B,)`."""
     size = gram.shape[-1]
@@ -144,7 +140,7 @@ def patch_similarity(hidden_states: torch.Tensor, num_prefix_tokens: int) -> Pat
     """
     if hidden_states.ndim != 3:
         raise ValueError(f"`hidden_states` must be (batch, tokens, hidden), got shape {tuple(hidden_states.shape)}.")
-    units = _unit(hidden_states[:, num_prefix_tokens:].float())  # (B, P, D)
+    units = unit_vectors(hidden_states[:, num_prefix_tokens:].float())  # (B, P, D)
     num_patches = units.shape[1]
     if num_patches < 2:
         raise ValueError(
@@ -175,8 +171,8 @@ def input_cosine(
         raise ValueError(
             f"Layer tokens {tuple(hidden_states.shape)} and input tokens {tuple(first_hidden_states.shape)} differ."
         )
-    current = _unit(hidden_states[:, num_prefix_tokens:].float())
-    first = _unit(first_hidden_states[:, num_prefix_tokens:].float())
+    current = unit_vectors(hidden_states[:, num_prefix_tokens:].float())
+    first = unit_vectors(first_hidden_states[:, num_prefix_tokens:].float())
     return (current * first).sum(dim=-1).mean(dim=-1)
 
 
@@ -212,7 +208,7 @@ def flattened_head_maps(attention_probs: torch.Tensor, num_prefix_tokens: int = 
     if attention_probs.ndim != 4:
         raise ValueError(f"`attention_probs` must be (batch, heads, N, N), got {tuple(attention_probs.shape)}.")
     maps = attention_probs[:, :, num_prefix_tokens:, num_prefix_tokens:].float()
-    return _unit(maps.flatten(start_dim=2))
+    return unit_vectors(maps.flatten(start_dim=2))
 
 
 def head_cosine(head_maps: torch.Tensor) -> torch.Tensor:
@@ -264,7 +260,7 @@ def weight_matrix_stats(weight: torch.Tensor) -> WeightMatrixStats:
         p = p[p > 0]
         effective_rank = math.exp(-(p * p.log()).sum().item())
     if w.shape[0] >= 2:
-        rows = _unit(w)
+        rows = unit_vectors(w)
         row_abs_cosine = _off_diagonal_mean((rows @ rows.T).abs().unsqueeze(0)).item()
     else:
         row_abs_cosine = float("nan")

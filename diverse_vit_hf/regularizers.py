@@ -27,8 +27,8 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """`x / max(||x||_2, 1e-8)` along the last axis, safe (and with finite gradient) for zero vectors."""
+def unit_vectors(x: torch.Tensor) -> torch.Tensor:
+    """`u(x) = x / max(||x||_2, 1e-8)` along the last axis, safe (and with finite gradient) for zero vectors."""
     return x / _norm(x).unsqueeze(-1)
 
 
@@ -73,7 +73,7 @@ def patch_cosine_loss(hidden_states: torch.Tensor, num_prefix_tokens: int = 1, v
         raise ValueError(f"`variant` must be one of {PATCH_COSINE_VARIANTS}, got {variant!r}.")
     with _no_autocast(hidden_states):
         min_patches = 2 if variant == "gong" else 1
-        u = _unit(_patch_tokens(hidden_states, num_prefix_tokens, "hidden_states", min_patches))
+        u = unit_vectors(_patch_tokens(hidden_states, num_prefix_tokens, "hidden_states", min_patches))
         if variant == "signed":
             mean_direction = u.mean(dim=1)  # (B, D)
             return mean_direction.pow(2).sum(dim=-1).mean()
@@ -208,14 +208,14 @@ class _ShiftedGram:
     def power_steps(self, vector: torch.Tensor, steps: int) -> torch.Tensor:
         """`steps` normalised power-iteration steps (normalising leaves the Rayleigh quotient unchanged)."""
         for _ in range(steps):
-            vector = _unit(self(vector))
+            vector = unit_vectors(self(vector))
         return vector
 
 
 def _restart_vanished(vectors: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Replace iteration vectors that collapsed to zero (e.g. after an all-zero matrix, where `M v = 0`) by fresh
     random unit vectors, so the estimate recovers instead of staying at 0 forever. No host sync."""
-    fresh = _unit(torch.rand(vectors.shape, device=vectors.device, generator=generator))
+    fresh = unit_vectors(torch.rand(vectors.shape, device=vectors.device, generator=generator))
     vanished = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True) < 0.5  # live vectors have norm 1
     return torch.where(vanished, fresh, vectors)
 
@@ -285,7 +285,7 @@ def weight_condition_loss(
             stored = getattr(state, name)
             if stored is None:
                 start = torch.rand(expected, device=w.device, generator=generator)
-                setattr(state, name, _unit(start))
+                setattr(state, name, unit_vectors(start))
             elif tuple(stored.shape) != expected:
                 raise ValueError(
                     f"The PowerIterationState holds {name} of shape {tuple(stored.shape)} but the weights need "
