@@ -21,6 +21,28 @@ def current_umask() -> int:
     return mask
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file or a directory entry to disk (best effort: some platforms cannot fsync directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """`fsync_path` every file below `folder`, then the folder itself."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(folder)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file next to `path`, flush it to disk, then `os.replace` it into place.
 
@@ -34,8 +56,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -49,4 +70,4 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-__all__ = ["atomic_write", "atomic_write_text", "current_umask"]
+__all__ = ["atomic_write", "atomic_write_text", "current_umask", "fsync_path", "fsync_tree"]

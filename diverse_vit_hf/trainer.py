@@ -70,8 +70,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .configuration import DiversityConfig
 from .distributed import check_weight_regularizer_supported
 from .ema import ModelEMA
-from .fileio import atomic_write_text
-from .mixing import PatchMixupCutmix, smoothed_one_hot
+from .fileio import atomic_write_text, fsync_path, fsync_tree
+from .mixing import PatchMixupCutmix, check_patch_grid, smoothed_one_hot
 from .modeling import DiverseModelMixin
 from .regularizers import (
     PowerIterationState,
@@ -297,44 +297,21 @@ def drop_gradients(parameters: Iterable[nn.Parameter], scaler: Any | None = None
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm over all tensors, on the first tensor's device (non-finite as soon as one element is)."""
     device = tensors[0].device
-    norms = torch._foreach_norm([t.detach() for t in tensors]) if hasattr(torch, "_foreach_norm") else None
-    if norms is None:
-        norms = [torch.linalg.vector_norm(t.detach()) for t in tensors]
+    norms = torch._foreach_norm([t.detach() for t in tensors])
     return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a file or a directory entry to disk (best effort: some platforms cannot fsync directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            _fsync_path(path)
-    _fsync_path(folder)
 
 
 def _publish_folder(staged: Path, final: Path) -> None:
     """Give a completely written folder its final name with one rename, so no reader ever sees it half-written. A
     folder already there (the same step saved again after a resume) is renamed aside first, then deleted."""
-    _fsync_tree(staged)
+    fsync_tree(staged)
     replaced = None
     if final.exists():
         replaced = final.parent / f".{final.name}.replaced"
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(staged, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
 
@@ -594,15 +571,13 @@ class DiverseTrainer(Trainer):
         cfg = self.diversity
         unwrapped: DiverseModelMixin = self.accelerator.unwrap_model(model)
         prefix = unwrapped.num_prefix_tokens
-        pixel_values = inputs["pixel_values"]
-        rows, cols = pixel_values.shape[-2:]
-        patch = unwrapped.config.patch_size
-        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
-        num_patches = (rows // patch_h) * (cols // patch_w)
+        grid_rows, grid_cols = check_patch_grid(*inputs["pixel_values"].shape[-2:], unwrapped.config.patch_size)
         pixel_values, targets, patch_targets = self._classification_targets(
-            inputs, unwrapped.config.num_labels, num_patches
+            inputs, unwrapped.config.num_labels, grid_rows * grid_cols
         )
-        outputs = model(pixel_values=pixel_values, return_diversity_outputs=True)
+        # Block-1 attention, h^0, h^L and per-token logits only when a term reads them (mixing alone does not).
+        needs_tokens = cfg.regularizers_enabled or cfg.patch_mixing_loss
+        outputs = model(pixel_values=pixel_values, return_diversity_outputs=needs_tokens)
 
         if cfg.patch_mixing_loss:
             loss_cls = patch_mixing_loss(outputs.token_logits, targets, patch_targets, prefix)
@@ -844,13 +819,13 @@ class DiverseTrainer(Trainer):
         try:
             super()._save(str(staging), state_dict)
             self._write_training_args(staging)
-            _fsync_tree(staging)
+            fsync_tree(staging)
             for entry in sorted(staging.iterdir()):
                 target = folder / entry.name
                 if entry.is_dir() and target.is_dir():
                     shutil.rmtree(target)
                 os.replace(entry, target)
-            _fsync_path(folder)
+            fsync_path(folder)
         except OSError as error:
             raise save_error(
                 error,
