@@ -12,6 +12,7 @@ size, H heads, C classes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,10 @@ def unit_vectors(x: torch.Tensor) -> torch.Tensor:
     return x / _norm(x).unsqueeze(-1)
 
 
-def _no_autocast(tensor: torch.Tensor) -> torch.autocast:
+def _no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Leave autocast for the float32 math; a device type without autocast (e.g. "meta") has nothing to leave."""
+    if not torch.amp.is_autocast_available(tensor.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 

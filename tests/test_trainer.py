@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from helpers import NUM_LABELS, make_batch, make_dataset, tiny_config
 from helpers import make_args as _make_args
-from transformers import HfArgumentParser, Trainer, TrainingArguments, ViTForImageClassification
+from transformers import DeiTConfig, HfArgumentParser, Trainer, TrainingArguments, ViTForImageClassification
 
+import diverse_vit_hf.trainer as trainer_module
 from diverse_vit_hf import (
+    DiverseDeiTForImageClassification,
     DiverseTrainer,
     DiverseTrainingArguments,
     DiverseViTForImageClassification,
@@ -265,3 +267,61 @@ def test_persistent_power_state_is_carried_across_steps(tmp_path):
     before = copy.deepcopy(state.max_vectors)
     trainer.compute_loss(model.train(), make_batch())
     assert not torch.equal(before, state.max_vectors)
+
+
+# ---- No host-device syncs on the hot path (issue 5) ----------------------------------------------------------------
+#
+# On the "meta" device tensors have shapes but no data, so anything that reads a value on the host (`.item()`,
+# `bool(t)`, `.tolist()`, data-dependent shapes such as `nonzero`) raises. A diversified step that runs there end to
+# end therefore issues no device-to-host read: on a GPU it queues kernels without waiting for them. Host-side
+# randomness (the Mixup/CutMix draws on the CPU generator) stays on the CPU and is allowed.
+
+
+def meta_step(tmp_path, model: torch.nn.Module, **overrides) -> DiverseTrainer:
+    """One diversified `compute_loss` + backward with the model and the batch on the meta device."""
+    trainer = DiverseTrainer(model=model, args=make_args(tmp_path, **overrides), data_collator=collate_image_batch)
+    model = trainer.model.to("meta").train()
+    batch = {name: value.to("meta") for name, value in make_batch(6).items()}
+    loss = trainer.compute_loss(model, batch)
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # released defaults: every term, Mixup/CutMix, patch mixing loss, fresh power vectors
+        {"power_persistent": True, "power_iterations": 3},
+        {"weight_estimator": "exact"},
+        {"mix_switch_prob": 1.0},  # CutMix on every batch: per-patch pixel fractions
+        {"mix_switch_prob": 0.0, "patch_mixing_loss": False, "patch_cosine_variant": "gong"},
+    ],
+    ids=["released", "persistent-power", "exact-svd", "cutmix", "mixup-cls-gong"],
+)
+def test_diversified_step_makes_no_host_reads(tmp_path, overrides):
+    torch.manual_seed(0)
+    trainer = meta_step(tmp_path, DiverseViTForImageClassification(tiny_config()), **overrides)
+    # The logged terms wait on the device until a logging step reads them.
+    assert set(trainer._term_sums) >= {"loss_cls", "loss_patch_cosine", "loss_weight_condition"}
+    assert all(value.device.type == "meta" for value in trainer._term_sums.values())
+
+
+def test_distilled_deit_step_makes_no_host_reads(tmp_path):
+    config = DeiTConfig(**tiny_config().to_diff_dict())
+    meta_step(tmp_path, DiverseDeiTForImageClassification(config))
+
+
+def test_meta_step_detects_a_host_read(tmp_path, monkeypatch):
+    """The check above can fail: one `.item()` inside a loss term is caught."""
+
+    def reading_cosine(*args, **kwargs):
+        loss = patch_cosine_loss(*args, **kwargs)
+        if loss.item() > 1.0:  # a host read, as a logging or clamping shortcut would do
+            raise AssertionError("unreachable on meta")
+        return loss
+
+    monkeypatch.setattr(trainer_module, "patch_cosine_loss", reading_cosine)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        meta_step(tmp_path, DiverseViTForImageClassification(tiny_config()))
