@@ -309,8 +309,10 @@ def test_diversified_step_makes_no_host_reads(tmp_path, overrides):
 
 
 def test_distilled_deit_step_makes_no_host_reads(tmp_path):
-    config = DeiTConfig(**tiny_config().to_diff_dict())
-    meta_step(tmp_path, DiverseDeiTForImageClassification(config))
+    values = {key: value for key, value in tiny_config().to_diff_dict().items() if key != "model_type"}
+    model = DiverseDeiTForImageClassification(DeiTConfig(**values))
+    assert model.config.model_type == "deit" and model.num_prefix_tokens == 2  # CLS + distillation token
+    meta_step(tmp_path, model)
 
 
 def test_meta_step_detects_a_host_read(tmp_path, monkeypatch):
