@@ -62,7 +62,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from datasets import ClassLabel
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length, rotate_checkpoints
@@ -214,6 +213,12 @@ def check_label_space(dataset: Any, num_labels: int) -> None:
     """Refuse a dataset whose `ClassLabel` has more classes than the model has outputs (checked once, up front,
     instead of per batch on the device)."""
     features = getattr(dataset, "features", None) or {}
+    if not features:
+        return
+    # Only a `datasets` object has features: imported here, the trainer also runs without `datasets` installed
+    # (plain torch datasets, the benchmarks on a machine without it).
+    from datasets import ClassLabel
+
     for name, feature in features.items():
         if isinstance(feature, ClassLabel) and feature.num_classes > num_labels:
             raise ValueError(
