@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 
@@ -23,3 +29,109 @@ def test_overhead_benchmark_reports_all_variants_and_ratios(capsys):
     assert report["variants"]["c"]["memory_mib"] > report["variants"]["b"]["memory_mib"]
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("b/a: time") and lines[-1].startswith("c/b: time")
+
+
+def load_benchmark(name: str):
+    """Import a script of benchmarks/ as a module (its folder on sys.path, as when it runs as a script)."""
+    folder = str(SCRIPT.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_precision_check_passes_on_cpu_autocast():
+    report = load_benchmark("precision_check").main(["--config", "tiny", "--batch_size", "4", "--json"])
+    checks = {(row["dtype"], row["check"]): row["ok"] for row in report["checks"]}
+    assert {("bf16", "float32"), ("fp16", "float32"), ("bf16", "weight"), ("fp16", "overflow is real")} <= set(checks)
+    assert report["failed"] == 0, [row for row in report["checks"] if not row["ok"]]
+
+
+def test_precision_check_catches_regularizers_left_in_autocast(monkeypatch):
+    """With the float32 guard of the regularizers removed, the bf16 terms and the weight term are flagged."""
+    import diverse_vit_hf.regularizers as regularizers
+
+    monkeypatch.setattr(regularizers, "_no_autocast", lambda tensor: contextlib.nullcontext())
+    report = load_benchmark("precision_check").main(["--config", "tiny", "--batch_size", "4", "--dtypes", "bf16"])
+    failed = {row["check"] for row in report["checks"] if not row["ok"]}
+    assert {"float32", "weight"} <= failed
+
+
+def test_gpu_report_names_missing_outputs(tmp_path):
+    (tmp_path / "overhead.json").write_text("{not json")
+    text = load_benchmark("gpu_report").build_report(tmp_path)
+    assert "`overhead.json` is not valid JSON" in text
+    for name in ("compile.json", "precision.json", "train_state.json"):
+        assert f"`{name}` was not written" in text
+
+
+def test_synthetic_imagefolder_layout_and_refusals(tmp_path, capsys):
+    module = load_benchmark("synthetic_imagefolder")
+    output = module.main(
+        [
+            "--output",
+            str(tmp_path / "data"),
+            "--num_train",
+            "6",
+            "--num_val",
+            "3",
+            "--num_classes",
+            "3",
+            "--image_size",
+            "20",
+        ]
+    )
+    for split, count in (("train", 6), ("val", 3)):
+        files = sorted((output / split).glob("class_*/*.jpg"))
+        assert len(files) == count and {f.parent.name for f in files} == {"class_000", "class_001", "class_002"}
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left behind
+    with pytest.raises(SystemExit):
+        module.main(["--output", str(output)])
+    assert "exists already" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        module.main(["--output", str(tmp_path / "other"), "--num_val", "2", "--num_classes", "3"])
+    assert "every class has images" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_run_script_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu_run.sh end to end with GPU_RUN_SMOKE=1: every stage runs and the report has every section."""
+    env = {**os.environ, "GPU_RUN_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", str(SCRIPT.parent / "gpu_run.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("### Step time and memory", "### Mixed precision and host syncs", "### bf16 training run"):
+        assert heading in report
+    assert json.loads((tmp_path / "train_state.json").read_text())["global_step"] == 2
+    assert json.loads((tmp_path / "precision.json").read_text())["failed"] == 0
+    assert len(list(tmp_path.iterdir())) <= 8  # the device tool brings back at most 8 files
+
+
+HIDE_PACKAGES = """
+import importlib.machinery, sys
+class Hidden(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] in ("datasets", "evaluate", "mlxtend"):
+            return None
+        return super().find_spec(name, path, target)
+sys.meta_path = [f for f in sys.meta_path if f is not importlib.machinery.PathFinder] + [Hidden]
+"""
+
+
+def test_benchmarks_run_without_datasets_installed(tmp_path):
+    """A lent GPU machine may lack `datasets`/`evaluate`: the overhead and precision stages must not need them."""
+    code = HIDE_PACKAGES + (
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+        "import precision_check, importlib.util\n"
+        "assert importlib.util.find_spec('datasets') is None and 'datasets' not in sys.modules\n"
+        "report = precision_check.main(['--config', 'tiny', '--batch_size', '2', '--dtypes', 'bf16', '--json'])\n"
+        "assert report['failed'] == 0 and 'datasets' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
