@@ -26,8 +26,11 @@ def load_json(folder: Path, name: str) -> tuple[dict | None, str]:
     path = folder / name
     if not path.is_file():
         return None, f"`{name}` was not written (the stage failed or did not run; see stderr.log)"
+    text = path.read_text()
+    if not text.strip():
+        return None, f"`{name}` is empty: its stage failed before printing a result (see stderr.log)"
     try:
-        return json.loads(path.read_text()), ""
+        return json.loads(text), ""
     except json.JSONDecodeError as error:
         return None, f"`{name}` is not valid JSON ({error}); see stderr.log"
 

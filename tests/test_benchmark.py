@@ -62,9 +62,11 @@ def test_precision_check_catches_regularizers_left_in_autocast(monkeypatch):
 
 def test_gpu_report_names_missing_outputs(tmp_path):
     (tmp_path / "overhead.json").write_text("{not json")
+    (tmp_path / "precision.json").write_text("")
     text = load_benchmark("gpu_report").build_report(tmp_path)
     assert "`overhead.json` is not valid JSON" in text
-    for name in ("compile.json", "precision.json", "train_state.json"):
+    assert "`precision.json` is empty: its stage failed" in text
+    for name in ("compile.json", "train_state.json"):
         assert f"`{name}` was not written" in text
 
 
