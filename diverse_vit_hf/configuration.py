@@ -155,6 +155,12 @@ class DiversityConfig:
         )
 
     @property
+    def needs_diversity_outputs(self) -> bool:
+        """Whether a training forward must return the regularizers' inputs (block-1 attention, h^0, h^L and
+        per-token logits): some regularizer is on, or the patch mixing loss is (mixing alone needs none)."""
+        return self.regularizers_enabled or self.patch_mixing_loss
+
+    @property
     def is_plain_baseline(self) -> bool:
         """True when the objective reduces exactly to the stock classifier loss."""
         return not (self.regularizers_enabled or self.mixing_enabled or self.patch_mixing_loss)

@@ -392,6 +392,11 @@ class DiverseTrainer(Trainer):
                 f"{type(unwrapped).__name__}. Load the checkpoint with diverse_vit_hf.load_diverse_model(...), or set "
                 "every coefficient to 0 with --no_mixing --no_patch_mixing_loss to train a plain model."
             )
+        if self.diversity.needs_diversity_outputs:
+            # Switch block 1 to its eager kernel now rather than in the first diversified forward: under
+            # --torch_compile that forward is traced, and set_attn_implementation (it reads source code) would break
+            # the graph there.
+            unwrapped.install_block1_attention_capture()
         self.mixer = None
         if self.diversity.mixing_enabled:
             self.mixer = PatchMixupCutmix(
@@ -580,9 +585,7 @@ class DiverseTrainer(Trainer):
         pixel_values, targets, patch_targets = self._classification_targets(
             inputs, unwrapped.config.num_labels, grid_rows * grid_cols
         )
-        # Block-1 attention, h^0, h^L and per-token logits only when a term reads them (mixing alone does not).
-        needs_tokens = cfg.regularizers_enabled or cfg.patch_mixing_loss
-        outputs = model(pixel_values=pixel_values, return_diversity_outputs=needs_tokens)
+        outputs = model(pixel_values=pixel_values, return_diversity_outputs=cfg.needs_diversity_outputs)
 
         if cfg.patch_mixing_loss:
             loss_cls = patch_mixing_loss(outputs.token_logits, targets, patch_targets, prefix)

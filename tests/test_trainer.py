@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import NUM_LABELS, make_batch, make_dataset, tiny_config
+from helpers import NUM_LABELS, build_trainer, make_batch, make_dataset, tiny_config
 from helpers import make_args as _make_args
 from transformers import DeiTConfig, HfArgumentParser, Trainer, TrainingArguments, ViTForImageClassification
 
@@ -327,3 +327,28 @@ def test_meta_step_detects_a_host_read(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "patch_cosine_loss", reading_cosine)
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
         meta_step(tmp_path, DiverseViTForImageClassification(tiny_config()))
+
+
+def test_torch_compile_traces_the_diversified_forward_without_graph_breaks(tmp_path):
+    """`--torch_compile` (dynamo's "eager" backend: the tracing without code generation) gives the same losses, and
+    the diversified forward is one graph: the block-1 kernel switch happens in __init__, outside the traced forward."""
+    import torch._dynamo
+
+    def logged(**overrides):
+        args = make_args(tmp_path, max_steps=2, logging_steps=1, report_to="none", **overrides)
+        trainer = build_trainer(args)
+        trainer.train()
+        return [e[name] for e in trainer.state.log_history if "loss_cls" in e for name in ("loss", "loss_cls")]
+
+    eager = logged()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        compiled = logged(torch_compile=True, torch_compile_backend="eager")
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert breaks == {}, list(breaks)
+    assert graphs == 1  # the forward of both steps: one graph, no recompilation
+    assert compiled == pytest.approx(eager, rel=1e-5)
