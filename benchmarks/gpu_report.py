@@ -25,7 +25,8 @@ NAIVE_TARGET = 1.3  # c/b >= 1.3 in step time or in memory
 def load_json(folder: Path, name: str) -> tuple[dict | None, str]:
     path = folder / name
     if not path.is_file():
-        return None, f"`{name}` was not written (the stage failed or did not run; see stderr.log)"
+        logs = "train.log and stderr.log" if name == "train_state.json" else "stderr.log"
+        return None, f"`{name}` was not written (the stage failed or did not run; see {logs})"
     text = path.read_text()
     if not text.strip():
         return None, f"`{name}` is empty: its stage failed before printing a result (see stderr.log)"

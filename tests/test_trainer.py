@@ -273,7 +273,8 @@ def test_persistent_power_state_is_carried_across_steps(tmp_path):
 #
 # On the "meta" device tensors have shapes but no data, so anything that reads a value on the host (`.item()`,
 # `bool(t)`, `.tolist()`, data-dependent shapes such as `nonzero`) raises. A diversified step that runs there end to
-# end therefore issues no device-to-host read: on a GPU it queues kernels without waiting for them. Host-side
+# end therefore reads no device value back to the host. (Blocking host-to-device copies are not seen here; on a GPU,
+# benchmarks/precision_check.py runs the same step under torch.cuda.set_sync_debug_mode("error").) Host-side
 # randomness (the Mixup/CutMix draws on the CPU generator) stays on the CPU and is allowed.
 
 
