@@ -24,7 +24,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check diverse_vit_hf examples tests benchmarks
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) tests/fetch_hf_model_tests.py $(VENV)/hf-model-tests  # transformers' ModelTesterMixin, for test_hf_common.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DIVERSE_VIT_HF_MODEL_TESTS=$(VENV)/hf-model-tests $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check diverse_vit_hf examples tests benchmarks
