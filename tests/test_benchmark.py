@@ -1,26 +1,30 @@
-"""benchmarks/overhead.py runs and reports every variant (structure only: timings are never asserted)."""
+"""The scripts of benchmarks/: structure and checks only, timings are never asserted."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+BENCHMARKS = REPO / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """Import a script of benchmarks/ as a module (its folder on sys.path, as when it runs as a script)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return load_script(BENCHMARKS / f"{name}.py", name)
 
 
 def test_overhead_benchmark_reports_all_variants_and_ratios(capsys):
-    spec = importlib.util.spec_from_file_location("overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    report = module.main(["--config", "tiny", "--batch_size", "4", "--warmup", "0", "--repeats", "1"])
+    report = load_benchmark("overhead").main(
+        ["--config", "tiny", "--batch_size", "4", "--warmup", "0", "--repeats", "1"]
+    )
     expected = {"a", "b", "c", "d_cosine", "d_contrastive", "d_attention", "d_weight", "d_patch_mixing"}
     assert set(report["variants"]) == expected
     for row in report["variants"].values():
@@ -29,18 +33,6 @@ def test_overhead_benchmark_reports_all_variants_and_ratios(capsys):
     assert report["variants"]["c"]["memory_mib"] > report["variants"]["b"]["memory_mib"]
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("b/a: time") and lines[-1].startswith("c/b: time")
-
-
-def load_benchmark(name: str):
-    """Import a script of benchmarks/ as a module (its folder on sys.path, as when it runs as a script)."""
-    folder = str(SCRIPT.parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_precision_check_passes_on_cpu_autocast():
@@ -103,7 +95,7 @@ def test_gpu_run_script_smoke_on_cpu(tmp_path):
     """benchmarks/gpu_run.sh end to end with GPU_RUN_SMOKE=1: every stage runs and the report has every section."""
     env = {**os.environ, "GPU_RUN_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(
-        ["bash", str(SCRIPT.parent / "gpu_run.sh")], env=env, capture_output=True, text=True, timeout=600
+        ["bash", str(BENCHMARKS / "gpu_run.sh")], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
@@ -129,7 +121,7 @@ sys.meta_path = [f for f in sys.meta_path if f is not importlib.machinery.PathFi
 def test_benchmarks_run_without_datasets_installed(tmp_path):
     """A lent GPU machine may lack `datasets`/`evaluate`: the overhead and precision stages must not need them."""
     code = HIDE_PACKAGES + (
-        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
         "import precision_check, importlib.util\n"
         "assert importlib.util.find_spec('datasets') is None and 'datasets' not in sys.modules\n"
         "report = precision_check.main(['--config', 'tiny', '--batch_size', '2', '--dtypes', 'bf16', '--json'])\n"
