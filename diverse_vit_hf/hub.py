@@ -133,6 +133,8 @@ class CardInputs:
         dataset_split: the split the evaluation results were measured on.
         dataset_description: free text for the "Training data" section.
         base_model: Hub id of the checkpoint this model was fine-tuned from (None: trained from scratch).
+        base_model_name: name of a local checkpoint folder it was fine-tuned from, when that is not a Hub id (the
+            card shows the name, never the folder's path).
         model_name: title of the card (default: the repository name).
         summary: first paragraph of the card.
         license: SPDX-style license id for the metadata.
@@ -145,6 +147,7 @@ class CardInputs:
     dataset_split: str | None = None
     dataset_description: str | None = None
     base_model: str | None = None
+    base_model_name: str | None = None
     model_name: str | None = None
     summary: str | None = None
     license: str = "apache-2.0"
@@ -274,6 +277,12 @@ def build_model_card(
         summary = (f"A {architecture} image classifier trained on {dataset_label} with the [Diverse-ViT]({PAPER_URL}) "
                    "regularizers (Chen et al., CVPR 2022), which reduce redundancy at the patch-embedding, attention "
                    "and weight levels.")  # fmt: skip
+    if inputs.base_model:
+        base_model_text = f"[{inputs.base_model}](https://huggingface.co/{inputs.base_model})"
+    elif inputs.base_model_name:
+        base_model_text = f"a local checkpoint, `{inputs.base_model_name}`"
+    else:
+        base_model_text = "none (trained from scratch)"
     level_titles = {"embedding": "Patch-embedding level", "attention": "Attention level", "weights": "Weight level"}
     plot_titles = {PLOT_FILES[level]: f"{title} redundancy" for level, title in level_titles.items()}
     card = ModelCard.from_template(
@@ -293,9 +302,7 @@ def build_model_card(
         num_parameters=f"{num_parameters:,}" if num_parameters else "n/a",
         num_labels=len(labels),
         labels=labels_text or "n/a",
-        base_model_text=f"[{inputs.base_model}](https://huggingface.co/{inputs.base_model})"
-        if inputs.base_model
-        else "none (trained from scratch)",
+        base_model_text=base_model_text,
         dataset_description=inputs.dataset_description or f"Trained on {dataset_label}.",
         is_baseline=is_baseline,
         patch_mixing_loss=bool(diversity and diversity.patch_mixing_loss),

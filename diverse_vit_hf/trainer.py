@@ -63,7 +63,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length, rotate_checkpoints
 
 from .configuration import DiversityConfig
@@ -170,7 +170,29 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new training in an --output_dir that already holds checkpoints or a saved model: its "
+            "checkpoint-<step> folders are deleted first. Without it such a run is refused (resume it with "
+            "--resume_from_checkpoint last instead)."
+        },
+    )
+
     def __post_init__(self) -> None:
+        if launched_without_accelerator() and not self.use_cpu:
+            # Without this, TrainingArguments on a machine with no accelerator initialises the process group but not
+            # DDP: every process would train its own model on all the data and write the same output folder.
+            logger.warning(
+                "Launched as %s processes on a machine without a GPU: training with DDP on the CPU (gloo), as with "
+                "--use_cpu.",
+                os.environ.get("WORLD_SIZE"),
+            )
+            self.use_cpu = True
+        if self.data_seed is None:
+            # DiverseTrainer seeds each process with seed + rank; the data order must stay the same on every process,
+            # so the sampler gets its own seed (Accelerate would otherwise take it from the per-process RNG).
+            self.data_seed = self.seed
         TrainingArguments.__post_init__(self)
         self.validate_diversity()
         if not 0.0 <= self.label_smoothing_factor < 1.0:
@@ -252,6 +274,51 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
             f"{TRAINER_STATE_NAME}). Pass a {PREFIX_CHECKPOINT_DIR}-<step> folder, or 'last'."
         )
     return path
+
+
+def launched_without_accelerator() -> bool:
+    """Whether this process is one of several started by a launcher (`torchrun`, `accelerate launch`) on a machine
+    with no GPU or other accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return not accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
+def _model_files(folder: Path) -> list[str]:
+    """What a training run in `folder` would replace: checkpoints and a saved model."""
+    if not folder.is_dir():
+        return []
+    found = sorted(p.name for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+    found += [name for name in ("config.json", "model.safetensors", TRAINER_STATE_NAME) if (folder / name).is_file()]
+    return found
+
+
+def check_output_dir(output_dir: str | os.PathLike, resume_from: str | None, overwrite: bool = False) -> None:
+    """Refuse to start a new training in a folder holding checkpoints or a saved model (its checkpoints of the same
+    steps and its model would be silently replaced). With `overwrite`, the old `checkpoint-<step>` folders are
+    deleted (by the main process) so that `--resume_from_checkpoint last` can only find the new run's checkpoints.
+
+    Call it on every process before training; `resume_from` is the resolved checkpoint (None: a new training).
+    """
+    folder = Path(output_dir)
+    found = _model_files(folder)
+    if resume_from is not None or not found:
+        return
+    if not overwrite:
+        listed = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
+        raise ValueError(
+            f"--output_dir {folder} already holds a training ({listed}). Continue it with --resume_from_checkpoint "
+            "last, choose another --output_dir, or pass --overwrite_output_dir to start over (its checkpoints are "
+            "deleted)."
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in found:
+            if name.startswith(PREFIX_CHECKPOINT_DIR):
+                shutil.rmtree(folder / name)
+        logger.warning("--overwrite_output_dir: starting over in %s (deleted its checkpoints).", folder)
 
 
 def _architecture(config: dict[str, Any]) -> dict[str, Any]:
@@ -380,7 +447,19 @@ class DiverseTrainer(Trainer):
         if args is None:
             args = DiverseTrainingArguments(output_dir="diverse_vit_output")
         self.diversity = DiversityConfig.from_object(args)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size != launched:
+            raise RuntimeError(
+                f"{launched} processes were launched, but the training arguments set up {args.world_size}: each "
+                "process would train its own model on all the data and write the same output folder. On a machine "
+                "without a GPU pass --use_cpu (DDP over gloo); otherwise check the launcher's settings."
+            )
         super().__init__(model=model, args=args, **kwargs)
+        # The stock Trainer seeds every process with the same seed, so under DDP all ranks would draw the same
+        # Mixup/CutMix choice, lambda and box, drop-path masks and augmentations. DeiT seeds each process with
+        # seed + rank; the data order stays shared through `data_seed` (set by DiverseTrainingArguments).
+        set_seed(args.seed + args.process_index)
+        self.card_inputs: Any = None  # a `hub.CardInputs` for the model card written with the final model
         # FSDP / ZeRO-3 shard Q, K, V outside the forward: refuse the weight-level regularizer there (distributed.py).
         check_weight_regularizer_supported(self.model, self.diversity.weight_condition_coef, self.accelerator)
         # The model's own loss kwargs (num_items_in_batch) would scale the loss for accumulation a second time.
@@ -523,6 +602,46 @@ class DiverseTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         with self.ema.swapped_into(self.accelerator.unwrap_model(self.model)):
             return super().save_model(output_dir, _internal_call)
+
+    def create_model_card(self, finetuned_from: str | None = None, dataset: str | None = None, **kwargs: Any) -> None:
+        """Write the project's model card (`README.md`: coefficients, recipe, evaluation results as model-index,
+        base model, dataset, redundancy summary and plots when `redundancy.json` is there) into `output_dir`, from
+        what the saved model folder holds and `self.card_inputs`. Replaces the stock Trainer card, so
+        `push_to_hub` publishes this one. Other stock arguments (`language`, `tags`, ...) are not used."""
+        if not self.is_world_process_zero():
+            return
+        from dataclasses import replace
+
+        from .hub import CardInputs, card_from_folder, save_model_card
+
+        inputs = self.card_inputs if self.card_inputs is not None else CardInputs()
+        overrides = {"base_model": finetuned_from, "dataset_name": dataset}
+        inputs = replace(inputs, **{key: value for key, value in overrides.items() if value is not None})
+        repo_id = self.args.hub_model_id if self.args.hub_model_id and "/" in self.args.hub_model_id else None
+        card = card_from_folder(self.args.output_dir, repo_id=repo_id, inputs=inputs)
+        save_model_card(card, self.args.output_dir, token=self.args.hub_token)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any) -> Any:
+        """Save the final model, write the project's card (`create_model_card`) and upload the model folder in one
+        commit with `hub.push_model_folder` (weights, configs, card, redundancy files; no checkpoints, optimizer
+        states or pickles) to `--hub_model_id` (`namespace/name`). Returns the `CommitInfo` (None on other
+        processes)."""
+        from .hub import push_model_folder
+
+        if self.hub_model_id is None:  # called with --push_to_hub off: create the repository as the stock one does
+            self.init_hf_repo(token=kwargs.get("token"), private=kwargs.get("private"))
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**{k: kwargs[k] for k in ("finetuned_from", "dataset") if k in kwargs})
+        return push_model_folder(
+            self.args.output_dir,
+            repo_id=self.hub_model_id,
+            token=kwargs.get("token") or self.args.hub_token,
+            commit_message=commit_message or "Upload Diverse-ViT model",
+            revision=kwargs.get("revision") or getattr(self.args, "hub_revision", None),
+            create_repo=False,
+        )
 
     def _save_ema_state(self, folder: Path) -> None:
         if self.ema is None:

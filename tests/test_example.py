@@ -175,3 +175,28 @@ def test_single_image_batches_with_mixing_are_refused(tmp_path):
                 "4",
             ]
         )
+
+
+SPAWN_RUN = r"""
+import multiprocessing, runpy, sys
+multiprocessing.set_start_method("spawn", force=True)  # as on macOS and Windows: workers unpickle the pipeline
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_spawned_data_loader_workers_train(tmp_path):
+    """--dataloader_num_workers 2 under the spawn start method: the transforms and collator must pickle."""
+    output = tmp_path / "spawn"
+    flags = "--dataloader_num_workers 2 --max_steps 3 --eval_strategy no --save_strategy no --redundancy_images 0"
+    run = subprocess.run(
+        [sys.executable, "-c", SPAWN_RUN, str(SCRIPT), "--output_dir", str(output), *FAST, *flags.split()],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3

@@ -171,6 +171,47 @@ def test_base_model_and_baseline_cards(tmp_path):
         build_model_card(config, repo_id="no-namespace")
 
 
+def test_local_base_model_is_named_without_its_path(tmp_path):
+    from transformers import ViTConfig
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=3)  # fmt: skip
+    card = build_model_card(config, CardInputs(base_model_name="deit-small-local"), diversity=DiversityConfig())
+    assert card.data.base_model is None  # metadata holds Hub ids only
+    assert "a local checkpoint, `deit-small-local`" in card.text and "trained from scratch" not in card.text
+
+
+def test_trainer_writes_and_pushes_the_project_card(tmp_path, monkeypatch):
+    """DiverseTrainer.create_model_card writes this project's card (not the stock Trainer's), and push_to_hub uploads
+    the folder through hub.push_model_folder in one commit."""
+    from transformers import ViTConfig
+
+    import diverse_vit_hf.hub as hub
+    from diverse_vit_hf import DiverseTrainer
+    from diverse_vit_hf.data import collate_image_batch
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=16, patch_size=4, num_labels=3)  # fmt: skip
+    args = DiverseTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
+                                    hub_model_id="user/diverse-tiny", hub_token=TOKEN)  # fmt: skip
+    trainer = DiverseTrainer(model=DiverseViTForImageClassification(config), args=args,
+                             data_collator=collate_image_batch)  # fmt: skip
+    trainer.card_inputs = CardInputs(dataset_name="MNIST", base_model="facebook/deit-tiny-patch16-224")
+    trainer.save_model()
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(args.output_dir)
+    trainer.create_model_card()
+    card = validate_card_offline(tmp_path / "out" / "README.md")
+    assert "diverse-vit" in card.data.tags and card.data.base_model == "facebook/deit-tiny-patch16-224"
+    assert "patch_cosine_coef" in card.text and TOKEN not in card.text
+
+    pushed = {}
+    monkeypatch.setattr(hub, "push_model_folder", lambda folder, **kwargs: pushed.update(folder=folder, **kwargs))
+    trainer.hub_model_id = "user/diverse-tiny"  # what init_hf_repo sets (it needs the Hub)
+    trainer.push_to_hub(commit_message="final")
+    assert pushed["folder"] == args.output_dir and pushed["repo_id"] == "user/diverse-tiny"
+    assert pushed["commit_message"] == "final" and pushed["token"] == TOKEN
+
+
 def test_offline_validation_rejects_malformed_metadata():
     malformed = (
         "---\nlibrary_name: transformers\npipeline_tag: image-classification\ntags: [diverse-vit]\nmodel-index:\n"

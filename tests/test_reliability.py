@@ -650,3 +650,44 @@ def test_soak_many_short_epochs_keep_memory_flat_and_disk_bounded(tmp_path):
         f"end (epoch {epochs}) {end:.1f} MiB, peak {max(rss for _, rss, _ in samples):.1f} MiB"
     )
     assert end - warm < RSS_GROWTH_BOUND_MIB, samples
+
+
+# ------------------------------------------------------------------------------------------------ output folder
+
+
+def test_a_new_training_into_a_used_output_dir_is_refused(tmp_path):
+    from diverse_vit_hf.trainer import check_output_dir
+
+    check_output_dir(tmp_path / "missing", None)  # nothing there: fine
+    (tmp_path / "notes.txt").write_text("unrelated")
+    check_output_dir(tmp_path, None)  # unrelated files only: fine
+    (tmp_path / "checkpoint-20").mkdir()
+    with pytest.raises(ValueError, match=r"checkpoint-20.*--resume_from_checkpoint last.*--overwrite_output_dir"):
+        check_output_dir(tmp_path, None)
+    check_output_dir(tmp_path, str(tmp_path / "checkpoint-20"))  # resuming it: fine
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        check_output_dir(saved, None)
+
+
+def test_overwrite_output_dir_deletes_only_the_old_checkpoints(tmp_path):
+    from diverse_vit_hf.trainer import check_output_dir
+
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("kept")
+    check_output_dir(tmp_path, None, overwrite=True)
+    assert not (tmp_path / "checkpoint-5").exists() and (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def test_launcher_processes_without_an_accelerator_are_detected(monkeypatch):
+    """What switches use_cpu on (gloo DDP) under torchrun / accelerate on a machine without a GPU; the end-to-end
+    launches are in test_distributed.py."""
+    from diverse_vit_hf.trainer import launched_without_accelerator
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not launched_without_accelerator()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_without_accelerator() == (not torch.cuda.is_available())
