@@ -197,6 +197,24 @@ def ensure_class_labels(dataset: Dataset | DatasetDict, label_column: str) -> Da
     return DatasetDict(encoded) if isinstance(dataset, DatasetDict) else encoded[""]
 
 
+def train_eval_split(dataset: Dataset, label_column: str, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split a single-split dataset into training and evaluation parts: labels encoded with `ensure_class_labels`,
+    then `train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=label_column)`.
+
+    The one held-out split of the project: `examples/run_diverse.py` (`--train_val_split`, `--seed`) evaluates on the
+    second part and `diverse-vit analyze` (`--held_out_fraction`, `--seed`) measures it, so the same fraction and seed
+    give the same images, never training images, whatever the type of the label column (ClassLabel, int or string).
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(
+            f"The held-out fraction must lie in (0, 1), got {eval_fraction} (--train_val_split of run_diverse.py, "
+            "--held_out_fraction of diverse-vit analyze)."
+        )
+    dataset = ensure_class_labels(dataset, label_column)
+    split = dataset.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=label_column)
+    return split["train"], split["test"]
+
+
 def stream_class_label(splits: dict[str, IterableDataset], label_column: str) -> ClassLabel:
     """The `ClassLabel` of a streamed label column, the same in every split.
 
@@ -627,4 +645,5 @@ __all__ = [
     "resolve_columns",
     "skipped_images",
     "stream_class_label",
+    "train_eval_split",
 ]

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
+from helpers import load_script
+from PIL import Image
 from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
@@ -39,7 +42,9 @@ from diverse_vit_hf.analysis import (
     weight_matrix_stats,
     write_report,
 )
+from diverse_vit_hf.analysis import probe as analysis_probe
 from diverse_vit_hf.cli import main as cli_main
+from diverse_vit_hf.data import load_embedded_dataset, train_eval_split
 from diverse_vit_hf.fileio import current_umask
 from diverse_vit_hf.regularizers import attention_cosine_loss, patch_cosine_loss, weight_condition_loss
 
@@ -232,8 +237,9 @@ def test_only_the_previous_blocks_attention_map_is_kept(tiny_vit_config, monkeyp
             maps_alive.append(weakref.ref(maps))
         return maps
 
-    monkeypatch.setattr(analysis, "attention_probabilities", recording)
-    monkeypatch.setattr(analysis, "flattened_head_maps", recording_maps)
+    # RedundancyProbe (diverse_vit_hf.analysis.probe) calls them: patch them where it looks them up.
+    monkeypatch.setattr(analysis_probe, "attention_probabilities", recording)
+    monkeypatch.setattr(analysis_probe, "flattened_head_maps", recording_maps)
     analyze_model(model, tensor_batches(torch.randn(4, 3, 32, 32), 2), progress=False)
     assert len(peak) == 2 * 3 and max(peak) == 0  # probabilities freed right after reduction
     assert max(maps_peak) <= 1  # only the previous block's flattened maps
@@ -315,13 +321,50 @@ def test_cli_analyze_two_local_checkpoints(tiny_vit_config, tmp_path, capsys):
 
 
 def test_held_out_images_are_the_ones_run_diverse_evaluates_on():
-    from diverse_vit_hf.data import load_embedded_dataset
-
     images = load_analysis_images("lfw", 500, seed=42, held_out_fraction=0.25)
     assert len(images.images) == 50 and images.split == "heldout"
-    held_out = load_embedded_dataset("lfw").train_test_split(test_size=0.25, seed=42, stratify_by_column="label")
-    expected = {np.asarray(img).tobytes() for img in held_out["test"]["image"]}
+    _, held_out = train_eval_split(load_embedded_dataset("lfw"), "label", 0.25, seed=42)  # what run_diverse.py calls
+    expected = {np.asarray(img).tobytes() for img in held_out["image"]}
     assert {np.asarray(img).tobytes() for img in images.images} == expected
+
+
+def pixel_keys(images) -> set[bytes]:
+    return {np.asarray(image).tobytes() for image in images}
+
+
+def labelled_folder(tmp_path, labels) -> str:
+    """A local dataset folder (one parquet train split) of distinct random 8x8 images whose labels are plain ints or
+    strings, not a ClassLabel: only a split that encodes the labels first can stratify by them."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in labels]
+    dtype = "string" if isinstance(labels[0], str) else "int64"
+    features = Features({"image": ImageFeature(), "label": Value(dtype)})
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(folder / "train.parquet"))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[7, 3, 7, 11, 7, 3, 7, 7] * 6, ["dog", "cat", "dog", "eel", "dog", "cat", "dog", "dog"] * 6],
+    ids=["int-labels", "string-labels"],
+)
+def test_held_out_images_are_run_diverse_evaluation_images_for_int_and_string_labels(tmp_path, labels):
+    """`diverse-vit analyze` on a single-split dataset measures exactly the images `examples/run_diverse.py`
+    evaluated on (same --seed and fraction) and none it trained on, also when the labels are not a ClassLabel (the
+    script encodes them and stratifies; the analysis once split such data without stratifying)."""
+    folder = labelled_folder(tmp_path, labels)
+    run_diverse = load_script()
+    data_args = run_diverse.DataArguments(dataset_name=folder, train_val_split=0.25)
+    train, evaluation, image_column, _ = run_diverse.load_splits(data_args, 42)
+    assert len(train) == 36 and len(evaluation) == 12
+
+    images = load_analysis_images(folder, 500, seed=42, held_out_fraction=0.25)
+    assert images.split == "heldout" and len(images.images) == 12
+    held_out = pixel_keys(images.images)
+    assert held_out == pixel_keys(evaluation[image_column])
+    assert not held_out & pixel_keys(train[image_column])
 
 
 # ------------------------------------------------------------------------------------------------ callback

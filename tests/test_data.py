@@ -24,6 +24,7 @@ from diverse_vit_hf.data import (
     load_lfw_faces,
     load_sklearn_digits,
     resolve_columns,
+    train_eval_split,
 )
 
 MEAN = (0.1, 0.2, 0.3)
@@ -231,6 +232,39 @@ def test_ensure_class_labels_uses_one_mapping_for_all_splits(train_labels, eval_
     assert encoded["validation"].features["label"].names == train_names
     for split, original in (("train", train_labels), ("validation", eval_labels)):
         assert [train_names[i] for i in encoded[split]["label"]] == [str(v) for v in original]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The held-out split
+
+
+@pytest.mark.parametrize(
+    "labels", [[4, 9, 4, 2, 4, 9, 4, 2] * 4, ["b", "a", "b", "c", "b", "a", "b", "c"] * 4], ids=["ints", "strings"]
+)
+def test_train_eval_split_encodes_and_stratifies_plain_labels(labels):
+    dataset = Dataset.from_dict({"index": list(range(len(labels))), "label": labels})
+    train, evaluation = train_eval_split(dataset, "label", 0.25, seed=3)
+    assert isinstance(train.features["label"], ClassLabel) and isinstance(evaluation.features["label"], ClassLabel)
+    assert sorted([*train["index"], *evaluation["index"]]) == list(range(32))  # a partition: disjoint, nothing lost
+    names = evaluation.features["label"].names
+    assert Counter(names[i] for i in evaluation["label"]) == {str(v): n // 4 for v, n in Counter(labels).items()}
+    again = train_eval_split(dataset, "label", 0.25, seed=3)[1]
+    assert again["index"] == evaluation["index"]  # deterministic for a seed
+
+
+def test_train_eval_split_of_a_class_label_dataset_is_the_previous_split():
+    """The embedded demo's split (ClassLabel labels) is datasets' stratified split, unchanged."""
+    faces = load_embedded_dataset("lfw").add_column("index", list(range(200)))
+    train, evaluation = train_eval_split(faces, "label", 0.1, seed=42)
+    previous = faces.train_test_split(test_size=0.1, seed=42, stratify_by_column="label")
+    assert train["index"] == previous["train"]["index"] and evaluation["index"] == previous["test"]["index"]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5, 1.5])
+def test_train_eval_split_rejects_fractions_outside_0_1(fraction):
+    dataset = Dataset.from_dict({"label": [0, 1] * 4})
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\).*--train_val_split.*--held_out_fraction"):
+        train_eval_split(dataset, "label", fraction, seed=0)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""Model access (ViT/DeiT checks, per-block weight statistics) and streaming accumulation over batches with
+forward hooks (`RedundancyProbe`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .metrics import (
+    WeightMatrixStats,
+    attention_probabilities,
+    cross_layer_head_cosine,
+    flattened_head_maps,
+    head_cosine,
+    input_cosine,
+    patch_similarity,
+    weight_matrix_stats,
+)
+
+SUPPORTED_MODEL_TYPES = ("vit", "deit")
+# Matrices of one block, in report order, and where each lives inside a ViT/DeiT layer.
+WEIGHT_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+QKV_MATRICES = ("q_proj", "k_proj", "v_proj")
+_MATRIX_PARENT = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention",
+                  "fc1": "mlp", "fc2": "mlp"}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model access
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_supported_model(model: nn.Module) -> nn.Module:
+    """Return the ViT/DeiT backbone (the module holding `embeddings` and `layers`) or raise a clear ValueError."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"The redundancy analysis supports ViT and DeiT models (config model_type 'vit' or 'deit'), got "
+            f"{model_type!r} ({type(model).__name__}). Pass a ViT/DeiT checkpoint such as "
+            "facebook/deit-small-patch16-224."
+        )
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, model) if prefix else model
+    layers = getattr(backbone, "layers", None)
+    if getattr(backbone, "embeddings", None) is None or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no `embeddings` and `layers` (transformers 5.x ViT/DeiT layout); "
+            "cannot analyze it."
+        )
+    for index, layer in enumerate(layers):
+        attention = getattr(layer, "attention", None)
+        if not all(isinstance(getattr(attention, name, None), nn.Linear) for name in ("q_proj", "k_proj")):
+            raise ValueError(f"Block {index + 1} has no attention.q_proj/k_proj linear layers; cannot analyze it.")
+    return backbone
+
+
+def _linear(layer: nn.Module, name: str) -> nn.Linear:
+    module = getattr(getattr(layer, _MATRIX_PARENT[name], None), name, None)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"A block has no {_MATRIX_PARENT[name]}.{name} linear layer.")
+    return module
+
+
+def check_weight_matrices(names: Sequence[str]) -> tuple[str, ...]:
+    """Validate a selection of per-block matrices (a subset of WEIGHT_MATRICES), returned in canonical order."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in WEIGHT_MATRICES]
+    if unknown or not names:
+        raise ValueError(f"Weight matrices must be a non-empty subset of {WEIGHT_MATRICES}, got {list(names)}.")
+    return tuple(n for n in WEIGHT_MATRICES if n in names)
+
+
+def weight_statistics(model: nn.Module, matrices: Sequence[str] = QKV_MATRICES) -> dict[str, list[WeightMatrixStats]]:
+    """Per-block `WeightMatrixStats` of the chosen matrices: `{name: [block 1, ..., block L]}`."""
+    layers = check_supported_model(model).layers
+    return {name: [weight_matrix_stats(_linear(layer, name).weight) for layer in layers] for name in
+            check_weight_matrices(matrices)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming accumulation over batches with forward hooks
+# ---------------------------------------------------------------------------------------------------------------
+
+EMBEDDING_KEYS = ("patch_cosine", "patch_abs_cosine", "patch_cosine_with_diagonal", "input_cosine")
+ATTENTION_KEYS = ("head_cosine", "head_cosine_patches_only", "cross_layer_head_cosine")
+
+
+class RunningMeans:
+    """Sums of per-image statistics, per key and layer, in float64 on the CPU; `mean` divides by the image count."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int], float] = {}
+        self.counts: dict[tuple[str, int], int] = {}
+
+    def add(self, key: str, layer: int, per_image: torch.Tensor) -> None:
+        values = per_image.detach().to(device="cpu", dtype=torch.float64)
+        self.sums[(key, layer)] = self.sums.get((key, layer), 0.0) + values.sum().item()
+        self.counts[(key, layer)] = self.counts.get((key, layer), 0) + values.numel()
+
+    def mean(self, key: str, layer: int) -> float | None:
+        count = self.counts.get((key, layer), 0)
+        return self.sums[(key, layer)] / count if count else None
+
+
+class RedundancyProbe:
+    """Forward hooks on a ViT/DeiT backbone that reduce hidden states and attention maps to per-image statistics
+    while the model runs, and add them to `RunningMeans`.
+
+    Hooks: the embeddings (`h^0`), every block's output (`h^l`), and every block's `q_proj`/`k_proj` (the attention
+    map of block l is recomputed when its keys are ready, reduced, and kept only until block l + 1 has used it for
+    the cross-layer metric). Use as a context manager; the hooks are removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, embedding: bool = True, attention: bool = True) -> None:
+        self.backbone = check_supported_model(model)
+        self.config = model.config
+        self.embedding = embedding
+        self.attention = attention
+        self.stats = RunningMeans()
+        self.num_images = 0
+        self.num_prefix_tokens: int | None = None
+        self.num_patches: int | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._first: torch.Tensor | None = None
+        self._query: torch.Tensor | None = None
+        self._previous_maps: torch.Tensor | None = None
+        self._expected_patches: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.backbone.layers)
+
+    def __enter__(self) -> RedundancyProbe:
+        self._handles.append(self.backbone.embeddings.register_forward_hook(self._on_embeddings))
+        for index, layer in enumerate(self.backbone.layers, start=1):
+            self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
+            if self.attention:
+                attention = layer.attention
+                self._handles.append(attention.q_proj.register_forward_hook(self._query_hook))
+                self._handles.append(attention.k_proj.register_forward_hook(self._key_hook(index, attention)))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._first = self._query = self._previous_maps = None
+
+    def run(self, model: nn.Module, pixel_values: torch.Tensor) -> None:
+        """One batch `(B, C, H, W)` through `model` (already in eval mode, on its device), statistics accumulated."""
+        if not self._handles:
+            raise RuntimeError("RedundancyProbe.run must be called inside `with RedundancyProbe(model) as probe:`.")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must be (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        patch = self.config.patch_size
+        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+        self._expected_patches = (pixel_values.shape[-2] // patch_h) * (pixel_values.shape[-1] // patch_w)
+        parameter = next(model.parameters())
+        try:
+            with torch.no_grad():
+                model(pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+        finally:
+            self._first = self._query = self._previous_maps = None
+        self.num_images += pixel_values.shape[0]
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+
+    def _prefix(self, hidden: torch.Tensor) -> int:
+        prefix = hidden.shape[1] - self._expected_patches
+        if prefix < 0:
+            raise ValueError(f"The model produced {hidden.shape[1]} tokens for {self._expected_patches} patches.")
+        self.num_prefix_tokens, self.num_patches = prefix, self._expected_patches
+        return prefix
+
+    def _hidden_stats(self, layer: int, hidden: torch.Tensor) -> None:
+        prefix = self._prefix(hidden)
+        similarity = patch_similarity(hidden, prefix)
+        self.stats.add("patch_cosine", layer, similarity.cosine)
+        self.stats.add("patch_abs_cosine", layer, similarity.abs_cosine)
+        self.stats.add("patch_cosine_with_diagonal", layer, similarity.cosine_with_diagonal)
+        self.stats.add("input_cosine", layer, input_cosine(hidden, self._first, prefix))
+
+    def _on_embeddings(self, module: nn.Module, args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        # h^0 is needed by every block's cross-layer metric, so it is the one tensor kept through the forward.
+        self._first = hidden.detach()
+        self._previous_maps = None
+        if self.embedding:
+            self._hidden_stats(0, self._first)
+
+    def _layer_hook(self, layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.embedding:
+                self._hidden_stats(layer, (output[0] if isinstance(output, tuple) else output).detach())
+
+        return hook
+
+    def _query_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self._query = output.detach()
+
+    def _key_hook(self, layer: int, attention: nn.Module) -> Callable[..., None]:
+        num_heads = getattr(attention, "num_attention_heads", self.config.num_attention_heads)
+        scaling = getattr(attention, "scaling", None)
+
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if self._query is None:
+                raise RuntimeError(f"Block {layer}: k_proj ran before q_proj; unexpected attention layout.")
+            query, self._query = self._query, None
+            scale = scaling if scaling is not None else (query.shape[-1] // num_heads) ** -0.5
+            probs = attention_probabilities(query, output.detach(), num_heads, scale)  # (B, H, N, N)
+            prefix = probs.shape[-1] - self._expected_patches
+            maps = flattened_head_maps(probs)
+            if num_heads >= 2:
+                self.stats.add("head_cosine", layer, head_cosine(maps))
+                self.stats.add("head_cosine_patches_only", layer, head_cosine(flattened_head_maps(probs, prefix)))
+            if self._previous_maps is not None:
+                self.stats.add("cross_layer_head_cosine", layer, cross_layer_head_cosine(maps, self._previous_maps))
+            del probs
+            self._previous_maps = maps  # the only map kept: block l + 1 compares against it
+
+        return hook
