@@ -4,7 +4,7 @@
 inherits it, so the same fields (with the same help strings) become `HfArgumentParser` CLI flags, and
 model cards read their values from here.
 
-Defaults are the authors' released settings ("faithful" mode), see `shared/method.md`:
+Defaults are the authors' released settings ("faithful" mode), see `docs/method.md`, §4 and §5:
 
     L = L_cls_total + 0.5 L_cos + 0.5 L_con + 1e-4 L_attn + 5e-4 L_w
 """

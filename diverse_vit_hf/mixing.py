@@ -1,4 +1,4 @@
-"""Patch-level Mixup / CutMix (method 1c of `shared/method.md`).
+"""Patch-level Mixup / CutMix (method 1c: `docs/method.md`, §1c).
 
 Batch-mode mixing as in the DeiT recipe (one lambda and one box per batch; sample b is mixed with sample
 B-1-b, so odd batch sizes work), producing both the image-level soft targets and one soft target per patch:

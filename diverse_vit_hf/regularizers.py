@@ -4,7 +4,7 @@ Every function:
 - computes in float32 with autocast disabled, whatever the input dtype (bf16/fp16 forwards included),
   and returns a float32 scalar;
 - is differentiable and never produces NaN for all-zero vectors (`u(x) = x / max(||x||, 1e-8)`);
-- uses the O(P*D) closed forms of `shared/method.md` where they exist, never a P x P Gram matrix.
+- uses the O(P*D) closed forms (`docs/method.md`, §1a, §1b, §2) where they exist, never a P x P Gram matrix.
 
 Notation: B batch, N = K + P tokens (K prefix tokens: CLS, plus the distillation token for DeiT), D hidden
 size, H heads, C classes.
