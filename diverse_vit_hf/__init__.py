@@ -13,6 +13,7 @@ from .modeling import (
     diverse_model_class_for_config,
     load_diverse_model,
 )
+from .objective import DIVERSITY_TERMS, DiversityObjective, DiversityTerm, ObjectiveOutput
 from .regularizers import (
     PowerIterationState,
     attention_cosine_loss,
@@ -27,6 +28,7 @@ from .trainer import DiverseTrainer, DiverseTrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIVERSITY_TERMS",
     "LOSS_TERM_NAMES",
     "DiverseDeiTForImageClassification",
     "DiverseImageClassifierOutput",
@@ -34,7 +36,10 @@ __all__ = [
     "DiverseTrainingArguments",
     "DiverseViTForImageClassification",
     "DiversityConfig",
+    "DiversityObjective",
+    "DiversityTerm",
     "MixedBatch",
+    "ObjectiveOutput",
     "PatchMixCollator",
     "PatchMixupCutmix",
     "PowerIterationState",

@@ -50,7 +50,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -70,17 +69,11 @@ from .configuration import DiversityConfig
 from .distributed import check_weight_regularizer_supported
 from .ema import ModelEMA
 from .fileio import atomic_write_text, fsync_path, fsync_tree
-from .mixing import PatchMixupCutmix, check_patch_grid, smoothed_one_hot
+from .mixing import PatchMixupCutmix
 from .modeling import DiverseModelMixin
-from .regularizers import (
-    PowerIterationState,
-    attention_cosine_loss,
-    patch_contrastive_loss,
-    patch_cosine_loss,
-    patch_mixing_loss,
-    soft_target_cross_entropy,
-    weight_condition_loss,
-)
+from .objective import DiversityObjective
+from .optim import NO_DECAY_PARAMETER_NAMES, no_weight_decay_parameter_names
+from .regularizers import PowerIterationState
 from .sampling import RepeatedAugmentationSampler
 
 logger = logging.getLogger(__name__)
@@ -88,9 +81,6 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE_NAME = "trainer_state.json"
 POWER_STATE_NAME = "power_iteration_state.safetensors"
 EMA_STATE_NAME = "model_ema.safetensors"
-# Parameters AdamW must not decay (DeiT/timm `no_weight_decay`): learned tokens and position embeddings, by the last
-# component of their name. Biases and norm weights are matched separately.
-NO_DECAY_PARAMETER_NAMES = ("cls_token", "distillation_token", "mask_token", "position_embeddings", "pos_embed")
 # Config fields that fix the parameter shapes (num_labels is derived from id2label).
 ARCHITECTURE_KEYS = (
     "model_type",
@@ -476,26 +466,20 @@ class DiverseTrainer(Trainer):
             # --torch_compile that forward is traced, and set_attn_implementation (it reads source code) would break
             # the graph there.
             unwrapped.install_block1_attention_capture()
-        self.mixer = None
-        if self.diversity.mixing_enabled:
-            self.mixer = PatchMixupCutmix(
-                num_classes=unwrapped.config.num_labels,
-                patch_size=unwrapped.config.patch_size,
-                mixup_alpha=args.mixup_alpha,
-                cutmix_alpha=args.cutmix_alpha,
-                switch_prob=args.mix_switch_prob,
-                prob=args.mix_prob,
-                label_smoothing=args.label_smoothing_factor,
+        self.objective = DiversityObjective(
+            self.diversity,
+            num_labels=unwrapped.config.num_labels,
+            patch_size=unwrapped.config.patch_size,
+            label_smoothing=args.label_smoothing_factor,
+        )
+        if self.objective.mixer is not None and args.per_device_train_batch_size < 2:
+            raise ValueError(
+                "Mixup/CutMix needs at least 2 images per batch (each image is mixed with another one), but "
+                f"--per_device_train_batch_size is {args.per_device_train_batch_size}. Increase the per-device "
+                "batch size, or pass --no_mixing."
             )
-            if args.per_device_train_batch_size < 2:
-                raise ValueError(
-                    "Mixup/CutMix needs at least 2 images per batch (each image is mixed with another one), but "
-                    f"--per_device_train_batch_size is {args.per_device_train_batch_size}. Increase the per-device "
-                    "batch size, or pass --no_mixing."
-                )
         for dataset in (self.train_dataset, self.eval_dataset):
             check_label_space(dataset, unwrapped.config.num_labels)
-        self.power_state = PowerIterationState() if args.power_persistent else None
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
         # Non-finite guard: the current accumulation window's values wait in _window_sums until the window's last
@@ -553,21 +537,10 @@ class DiverseTrainer(Trainer):
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters AdamW decays: the stock rule (no biases, no LayerNorm weights) minus every other
-        norm weight (any parameter of a module whose class name contains "Norm"), the position embeddings and the
-        CLS / distillation / mask tokens, as in DeiT/timm."""
-        excluded = set()
-        for module_name, module in model.named_modules():
-            if "norm" in type(module).__name__.lower():
-                excluded.update(
-                    f"{module_name}.{name}" if module_name else name
-                    for name, _ in module.named_parameters(recurse=False)
-                )
-        pattern = re.compile(r"(?:^|\.)(?:" + "|".join(NO_DECAY_PARAMETER_NAMES) + r")$")
-        return [
-            name
-            for name in super().get_decay_parameter_names(model)
-            if name not in excluded and not pattern.search(name)
-        ]
+        norm weight, the position embeddings and the CLS / distillation / mask tokens, as in DeiT/timm
+        (`optim.no_weight_decay_parameter_names`)."""
+        excluded = no_weight_decay_parameter_names(model)
+        return [name for name in super().get_decay_parameter_names(model) if name not in excluded]
 
     # ---- Model EMA ------------------------------------------------------------------------------------------------
 
@@ -664,25 +637,15 @@ class DiverseTrainer(Trainer):
             )
             self.ema.reset(self.accelerator.unwrap_model(self.model))
 
-    def _classification_targets(
-        self, inputs: dict[str, Any], num_labels: int, num_patches: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return `(pixel_values, targets (B, C), patch_targets (B, P, C))` for a training batch."""
-        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
-        if "patch_labels" in inputs:
-            return pixel_values, labels, inputs["patch_labels"]
-        if labels.is_floating_point():
-            raise ValueError(
-                "Soft `labels` need matching `patch_labels` (B, P, C); pass class indices and let DiverseTrainer mix, "
-                "or use PatchMixCollator."
-            )
-        # A single image cannot be mixed with another one. The configured batch size is >= 2 (checked in __init__), so
-        # this is an epoch's incomplete last batch or what is left after skipping unreadable images: train it unmixed.
-        if self.mixer is not None and pixel_values.shape[0] >= 2:
-            mixed = self.mixer(pixel_values, labels)
-            return mixed.pixel_values, mixed.targets, mixed.patch_targets
-        targets = smoothed_one_hot(labels, num_labels, self.args.label_smoothing_factor)
-        return pixel_values, targets, targets.unsqueeze(1).expand(-1, num_patches, -1)
+    @property
+    def mixer(self) -> PatchMixupCutmix | None:
+        """The objective's batch Mixup/CutMix (None when mixing is off)."""
+        return self.objective.mixer
+
+    @property
+    def power_state(self) -> PowerIterationState | None:
+        """The objective's persistent power-iteration vectors (checkpointed with the training state)."""
+        return self.objective.power_state
 
     def compute_loss(
         self,
@@ -691,51 +654,16 @@ class DiverseTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        """`DiversityObjective` on training batches; the stock loss for evaluation and for the plain baseline."""
         if self.diversity.is_plain_baseline or not model.training:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
             if model.training:
                 self._record_total(result[0] if return_outputs else result)
             return result
-
-        cfg = self.diversity
-        unwrapped: DiverseModelMixin = self.accelerator.unwrap_model(model)
-        prefix = unwrapped.num_prefix_tokens
-        grid_rows, grid_cols = check_patch_grid(*inputs["pixel_values"].shape[-2:], unwrapped.config.patch_size)
-        pixel_values, targets, patch_targets = self._classification_targets(
-            inputs, unwrapped.config.num_labels, grid_rows * grid_cols
-        )
-        outputs = model(pixel_values=pixel_values, return_diversity_outputs=cfg.needs_diversity_outputs)
-
-        if cfg.patch_mixing_loss:
-            loss_cls = patch_mixing_loss(outputs.token_logits, targets, patch_targets, prefix)
-        else:
-            loss_cls = soft_target_cross_entropy(outputs.logits, targets)
-        terms = {"loss_cls": loss_cls}
-        total = loss_cls
-        if cfg.patch_cosine_coef > 0:
-            terms["loss_patch_cosine"] = patch_cosine_loss(
-                outputs.last_block_hidden_state, prefix, cfg.patch_cosine_variant
-            )
-            total = total + cfg.patch_cosine_coef * terms["loss_patch_cosine"]
-        if cfg.patch_contrastive_coef > 0:
-            terms["loss_patch_contrastive"] = patch_contrastive_loss(
-                outputs.first_hidden_state, outputs.last_block_hidden_state, prefix, cfg.patch_contrastive_detach_first
-            )
-            total = total + cfg.patch_contrastive_coef * terms["loss_patch_contrastive"]
-        if cfg.attention_cosine_coef > 0:
-            terms["loss_attention_cosine"] = attention_cosine_loss(outputs.first_block_attention_probs)
-            total = total + cfg.attention_cosine_coef * terms["loss_attention_cosine"]
-        if cfg.weight_condition_coef > 0:
-            terms["loss_weight_condition"] = weight_condition_loss(
-                unwrapped.attention_projection_weights(),
-                estimator=cfg.weight_estimator,
-                num_iterations=cfg.power_iterations,
-                state=self.power_state,
-            )
-            total = total + cfg.weight_condition_coef * terms["loss_weight_condition"]
-        self._record_total(total)
-        self._record_terms(terms)
-        return (total, outputs) if return_outputs else total
+        result = self.objective(model, inputs, unwrapped_model=self.accelerator.unwrap_model(model))
+        self._record_total(result.loss)
+        self._record_terms(result.terms)
+        return (result.loss, result.outputs) if return_outputs else result.loss
 
     def _record_total(self, total: torch.Tensor) -> None:
         """Keep the total loss of a guarded micro-batch for the window's finite check (no host sync)."""

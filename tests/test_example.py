@@ -11,6 +11,9 @@ import pytest
 from helpers import REPO, load_script
 from transformers import ResNetConfig, ResNetForImageClassification
 
+from diverse_vit_hf.arguments import ModelArguments
+from diverse_vit_hf.presets import build_classifier
+
 SCRIPT = REPO / "examples" / "run_diverse.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 FAST = [
@@ -101,7 +104,7 @@ def test_fine_tunes_a_local_checkpoint_given_as_model(tmp_path):
     """--model takes any ViT folder (as it would a Hub id), re-initialising the head for the new labels."""
     module = load_script()
     base = tmp_path / "base"
-    model, processor = module.build_model(module.ModelArguments(hidden_size=32, num_hidden_layers=2), ["a", "b"])
+    model, processor = build_classifier(ModelArguments(hidden_size=32, num_hidden_layers=2), ["a", "b"])
     model.save_pretrained(base)
     processor.save_pretrained(base)
     metrics = module.main(["--model", str(base), "--output_dir", str(tmp_path / "ft"), *FAST])
@@ -113,7 +116,7 @@ def test_fine_tunes_a_local_checkpoint_given_as_model(tmp_path):
 def test_demo_defaults_train_from_scratch_on_embedded_mnist():
     module = load_script()
     parser_defaults = module.DEMO_TRAINING_DEFAULTS
-    model_args, data_args = module.ModelArguments(), module.DataArguments()
+    model_args, data_args = ModelArguments(), module.DataArguments()
     assert model_args.model is None and data_args.dataset_name is None and data_args.embedded_dataset == "mnist"
     assert parser_defaults["eval_strategy"] == "epoch"
 

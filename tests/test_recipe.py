@@ -28,8 +28,11 @@ from diverse_vit_hf import (
     deit_config,
     load_diverse_model,
 )
+from diverse_vit_hf.arguments import ModelArguments, RecipeArguments
 from diverse_vit_hf.data import collate_image_batch
 from diverse_vit_hf.modeling import BranchDropout
+from diverse_vit_hf.presets import build_classifier
+from diverse_vit_hf.recipe import apply_recipe, update_steps_per_epoch
 
 FAST = [
     "--max_train_samples",
@@ -122,13 +125,14 @@ def test_unknown_config_name_is_a_clear_error():
 
 
 def test_script_builds_a_named_config_from_scratch_with_drop_path():
-    module = load_script()
-    args = module.ModelArguments(model_config_name="deit-tiny", drop_path_rate=0.1)
-    model, processor = module.build_model(args, ["a", "b", "c"])
+    args = ModelArguments(model_config_name="deit-tiny", drop_path_rate=0.1)
+    model, processor = build_classifier(args, ["a", "b", "c"])
     config = model.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_labels) == (192, 12, 3)
     assert config.id2label == {0: "a", 1: "b", 2: "c"}
-    assert processor.size == {"height": 224, "width": 224} and processor.image_mean[0] == pytest.approx(0.485)
+    # DeiT's evaluation (shorter edge 224 / 0.875 = 256, center crop 224) is the saved processor: pipelines match it.
+    assert processor.size == {"shortest_edge": 256} and processor.crop_size == {"height": 224, "width": 224}
+    assert processor.do_center_crop and processor.image_mean[0] == pytest.approx(0.485)
     rates = [layer.dropout.drop_path for layer in model.vit.layers]
     assert (
         rates[0] == 0.0
@@ -136,25 +140,22 @@ def test_script_builds_a_named_config_from_scratch_with_drop_path():
         and all(isinstance(x.dropout, BranchDropout) for x in model.vit.layers)
     )
     with pytest.raises(ValueError, match="not both"):
-        module.build_model(module.ModelArguments(model="x", model_config_name="deit-tiny"), ["a"])
+        build_classifier(ModelArguments(model="x", model_config_name="deit-tiny"), ["a"])
 
 
 def test_drop_path_rate_applies_to_a_loaded_checkpoint(tmp_path):
-    module = load_script()
     base = tmp_path / "base"
-    model, processor = module.build_model(module.ModelArguments(hidden_size=32, num_hidden_layers=3), ["a", "b"])
+    model, processor = build_classifier(ModelArguments(hidden_size=32, num_hidden_layers=3), ["a", "b"])
     model.save_pretrained(base)
     processor.save_pretrained(base)
-    loaded, _ = module.build_model(module.ModelArguments(model=str(base), drop_path_rate=0.2), ["a", "b"])
+    loaded, _ = build_classifier(ModelArguments(model=str(base), drop_path_rate=0.2), ["a", "b"])
     assert [layer.dropout.drop_path for layer in loaded.vit.layers] == pytest.approx([0.0, 0.1, 0.2])
     assert set(loaded.state_dict()) == set(model.state_dict())  # no new parameters or buffers
 
 
 def test_recipe_flags_are_documented_cli_flags(tmp_path):
     module = load_script()
-    parser = HfArgumentParser(
-        (module.ModelArguments, module.DataArguments, module.RecipeArguments, DiverseTrainingArguments)
-    )
+    parser = HfArgumentParser((ModelArguments, module.DataArguments, RecipeArguments, DiverseTrainingArguments))
     model_args, _, recipe_args, training_args = parser.parse_args_into_dataclasses(
         args=[
             "--output_dir",
@@ -175,7 +176,7 @@ def test_recipe_flags_are_documented_cli_flags(tmp_path):
     assert (model_args.model_config_name, model_args.drop_path_rate) == ("deit-small-24", 0.1)
     assert (recipe_args.scale_lr, recipe_args.warmup_epochs) == (True, 5.0)
     assert (training_args.model_ema, training_args.model_ema_decay, training_args.model_ema_eval) == (True, 0.999, True)
-    for dataclass_type in (module.RecipeArguments, module.ModelArguments):
+    for dataclass_type in (RecipeArguments, ModelArguments):
         assert all(f.metadata.get("help") for f in fields(dataclass_type)), dataclass_type
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--model_config_name", "vit-huge"])
@@ -226,14 +227,13 @@ def test_weight_decay_excludes_the_distillation_and_mask_tokens(tmp_path):
 
 
 def test_scale_lr_uses_the_global_batch(tmp_path, caplog):
-    module = load_script()
     args = make_args(tmp_path, learning_rate=5e-4, per_device_train_batch_size=16, gradient_accumulation_steps=4)
-    with caplog.at_level("INFO", logger="run_diverse"):
-        module.apply_recipe(module.RecipeArguments(scale_lr=True), args, 1000)
+    with caplog.at_level("INFO", logger="diverse_vit_hf.recipe"):
+        apply_recipe(RecipeArguments(scale_lr=True), args, 1000)
     assert args.learning_rate == pytest.approx(5e-4 * 64 / 512)
     assert "--scale_lr" in caplog.text
     untouched = make_args(tmp_path, learning_rate=5e-4)
-    module.apply_recipe(module.RecipeArguments(), untouched, 1000)
+    apply_recipe(RecipeArguments(), untouched, 1000)
     assert untouched.learning_rate == 5e-4 and untouched.warmup_steps == 0
     # 1024 = 128 x 8 processes: the paper's 5e-4 becomes 1e-3.
     assert 5e-4 * 128 * 1 * 8 / 512 == pytest.approx(1e-3)
@@ -243,7 +243,6 @@ def test_scale_lr_uses_the_global_batch(tmp_path, caplog):
     ("size", "batch", "accumulation", "drop_last"), [(100, 16, 2, False), (100, 16, 1, True), (40, 8, 3, False)]
 )
 def test_warmup_epochs_match_the_trainers_steps_per_epoch(tmp_path, size, batch, accumulation, drop_last):
-    module = load_script()
     args = make_args(
         tmp_path,
         per_device_train_batch_size=batch,
@@ -259,12 +258,12 @@ def test_warmup_epochs_match_the_trainers_steps_per_epoch(tmp_path, size, batch,
     )
     batches = len(trainer.get_train_dataloader())
     steps = batches // accumulation + int(batches % accumulation > 0)  # the Trainer's num_update_steps_per_epoch
-    assert module.update_steps_per_epoch(size, args) == steps
-    module.apply_recipe(module.RecipeArguments(warmup_epochs=2.5), args, size)
+    assert update_steps_per_epoch(size, args) == steps
+    apply_recipe(RecipeArguments(warmup_epochs=2.5), args, size)
     assert args.warmup_steps == max(round(2.5 * steps), 1)
     assert args.get_warmup_steps(10_000) == args.warmup_steps
     with pytest.raises(ValueError, match="warmup_epochs"):
-        module.apply_recipe(module.RecipeArguments(warmup_epochs=-1), args, size)
+        apply_recipe(RecipeArguments(warmup_epochs=-1), args, size)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -387,8 +386,8 @@ def test_resume_restores_the_ema(tmp_path):
 def test_eval_only_mode_writes_metrics_and_no_model(tmp_path):
     module = load_script()
     base = tmp_path / "base"
-    model, processor = module.build_model(
-        module.ModelArguments(hidden_size=32, num_hidden_layers=2), [str(d) for d in range(10)]
+    model, processor = build_classifier(
+        ModelArguments(hidden_size=32, num_hidden_layers=2), [str(d) for d in range(10)]
     )
     model.save_pretrained(base)
     processor.save_pretrained(base)

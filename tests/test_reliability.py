@@ -6,6 +6,7 @@ Every protection has a test here that fails when the protection is switched off.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import io
 import json
@@ -26,7 +27,6 @@ from PIL import Image as PILImage
 from transformers import TrainerCallback, ViTForImageClassification
 from transformers.trainer_utils import get_last_checkpoint
 
-import diverse_vit_hf.trainer as trainer_module
 from diverse_vit_hf import (
     DiverseTrainer,
     DiverseTrainingArguments,
@@ -113,6 +113,14 @@ def nan_on_calls(function, calls: set[int]):
     return wrapped
 
 
+def poison_term(trainer: DiverseTrainer, name: str, calls: set[int]) -> None:
+    """Make the given calls of one regularizer of the trainer's objective return NaN, through its term table."""
+    trainer.objective.terms = tuple(
+        dataclasses.replace(term, compute=nan_on_calls(term.compute, calls)) if term.name == name else term
+        for term in trainer.objective.terms
+    )
+
+
 def training_logs(trainer: DiverseTrainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
@@ -130,19 +138,10 @@ def training_logs(trainer: DiverseTrainer) -> list[dict]:
     ],
     ids=["nan-pixels", "nan-pixels-accumulated", "nan-regularizer"],
 )
-def test_nonfinite_step_is_skipped_counted_and_training_continues(
-    tmp_path, monkeypatch, source, accumulation, bad_term
-):
+def test_nonfinite_step_is_skipped_counted_and_training_continues(tmp_path, source, accumulation, bad_term):
     """Step 2 is poisoned: the weights (and optimizer moments) stay as after step 1, step 3 updates them again."""
-    collator = None
-    if source == "pixels":
-        # With accumulation the Trainer fetches `accumulation` batches per step: poison the first of step 2.
-        collator = NaNOnCalls({accumulation + 1})
-    else:
-        # One compute_loss per micro-batch: call 2 is in step 2.
-        monkeypatch.setattr(
-            trainer_module, "patch_contrastive_loss", nan_on_calls(trainer_module.patch_contrastive_loss, {2})
-        )
+    # With accumulation the Trainer fetches `accumulation` batches per step: poison the first of step 2.
+    collator = NaNOnCalls({accumulation + 1}) if source == "pixels" else None
     trainer = make_trainer(
         tmp_path,
         collator=collator,
@@ -151,6 +150,8 @@ def test_nonfinite_step_is_skipped_counted_and_training_continues(
         gradient_accumulation_steps=accumulation,
         weight_decay=0.05,
     )
+    if source == "regularizer":
+        poison_term(trainer, "loss_patch_contrastive", {2})  # one objective call per micro-batch: call 2 is step 2
     recorder = ParameterRecorder()
     trainer.add_callback(recorder)
     trainer.train()
@@ -199,10 +200,8 @@ def test_without_the_guard_a_nan_batch_destroys_the_model(tmp_path):
     assert "nonfinite_steps" not in training_logs(trainer)[0]
 
 
-def test_consecutive_nonfinite_steps_stop_training_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_consecutive_nonfinite_steps_stop_training_and_keep_the_last_good_checkpoint(tmp_path):
     # Steps 1-2 are good (checkpoint-2 is saved), every later step has a NaN patch cosine term.
-    calls = set(range(3, 100))
-    monkeypatch.setattr(trainer_module, "patch_cosine_loss", nan_on_calls(trainer_module.patch_cosine_loss, calls))
     trainer = make_trainer(
         tmp_path,
         dataset_size=64,
@@ -211,6 +210,7 @@ def test_consecutive_nonfinite_steps_stop_training_and_keep_the_last_good_checkp
         save_steps=2,
         max_consecutive_nonfinite=3,
     )
+    poison_term(trainer, "loss_patch_cosine", set(range(3, 100)))
     recorder = ParameterRecorder()
     trainer.add_callback(recorder)
     with pytest.raises(NonFiniteLossError) as excinfo:
@@ -249,7 +249,7 @@ def test_single_image_batch_left_by_skipping_is_trained_unmixed(tmp_path):
     model = trainer.model.train()
     single = {"pixel_values": torch.randn(1, 3, 16, 16), "labels": torch.tensor([2])}
     loss = trainer.compute_loss(model, single)
-    trainer.mixer = None  # the same batch, explicitly unmixed
+    trainer.objective.mixer = None  # the same batch, explicitly unmixed
     assert torch.isfinite(loss) and loss.item() == pytest.approx(trainer.compute_loss(model, single).item(), rel=1e-6)
     with pytest.raises(ValueError, match="--no_mixing"):
         make_trainer(tmp_path, per_device_train_batch_size=1)

@@ -11,7 +11,7 @@ from helpers import NUM_LABELS, build_trainer, make_batch, make_dataset, tiny_co
 from helpers import make_args as _make_args
 from transformers import DeiTConfig, HfArgumentParser, Trainer, TrainingArguments, ViTForImageClassification
 
-import diverse_vit_hf.trainer as trainer_module
+import diverse_vit_hf.objective as objective_module
 from diverse_vit_hf import (
     DiverseDeiTForImageClassification,
     DiverseTrainer,
@@ -325,7 +325,7 @@ def test_meta_step_detects_a_host_read(tmp_path, monkeypatch):
             raise AssertionError("unreachable on meta")
         return loss
 
-    monkeypatch.setattr(trainer_module, "patch_cosine_loss", reading_cosine)
+    monkeypatch.setattr(objective_module, "patch_cosine_loss", reading_cosine)
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
         meta_step(tmp_path, DiverseViTForImageClassification(tiny_config()))
 

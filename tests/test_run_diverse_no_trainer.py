@@ -1,0 +1,71 @@
+"""examples/run_diverse_no_trainer.py: the plain Accelerate loop optimises exactly what DiverseTrainer does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, RUN_DIVERSE
+
+from diverse_vit_hf.hub import validate_card_offline
+
+NO_TRAINER = REPO / "examples" / "run_diverse_no_trainer.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+# The same data, model, seed and recipe for both scripts (every regularizer and Mixup/CutMix on, by default).
+COMMON = (
+    "--max_train_samples 128 --max_eval_samples 32 --hidden_size 32 --num_hidden_layers 2 "
+    "--per_device_train_batch_size 16 --logging_steps 1 --seed 3 --learning_rate 2e-3 --weight_decay 0.05"
+).split()
+
+
+def _run(command: list[str]) -> None:
+    run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_first_steps_equal_the_trainer_path_and_the_result_is_a_plain_checkpoint(tmp_path):
+    loop, trainer = tmp_path / "loop", tmp_path / "trainer"
+    _run([sys.executable, str(NO_TRAINER), "--output_dir", str(loop), "--max_train_steps", "3",
+          "--checkpointing_steps", "2", *COMMON])  # fmt: skip
+    _run([sys.executable, str(RUN_DIVERSE), "--output_dir", str(trainer), "--max_steps", "3", "--warmup_steps", "0",
+          "--use_cpu", "--save_strategy", "no", "--redundancy_images", "0", *COMMON])  # fmt: skip
+
+    ours = json.loads((loop / "log_history.json").read_text())
+    theirs = [e for e in json.loads((trainer / "trainer_state.json").read_text())["log_history"] if "loss_cls" in e]
+    assert [e["step"] for e in ours] == [e["step"] for e in theirs] == [1, 2, 3]
+    names = ["loss", "loss_cls", "loss_patch_cosine", "loss_patch_contrastive", "loss_attention_cosine",
+             "loss_weight_condition"]  # fmt: skip
+    for a, b in zip(ours, theirs, strict=True):
+        for name in names:
+            assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
+    assert ours[0]["loss"] != ours[-1]["loss"], "nothing was trained: the comparison would be vacuous"
+
+    config = json.loads((loop / "config.json").read_text())
+    assert config["architectures"] == ["ViTForImageClassification"]
+    assert (loop / "model.safetensors").is_file() and not list(loop.glob("*.bin"))
+    assert (loop / "checkpoint-2").is_dir() and not list(loop.glob(".checkpoint-*"))
+    card = validate_card_offline(loop / "README.md")
+    assert "diverse-vit" in card.data.tags
+
+
+@pytest.mark.slow
+def test_resuming_the_loop_continues_the_same_trajectory(tmp_path):
+    """Resuming from the checkpoint of step 2 (copied into a fresh folder) logs the same step 3 as the uninterrupted
+    run: weights, optimizer, scheduler and random states are all restored. (No random augmentation: the images a
+    data loader prefetched before the checkpoint was written were augmented with draws no checkpoint holds.)"""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    flags = [*COMMON, "--max_train_steps", "3", "--checkpointing_steps", "2", "--augmentation", "none"]
+    _run([sys.executable, str(NO_TRAINER), "--output_dir", str(whole), *flags])
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    _run([sys.executable, str(NO_TRAINER), "--output_dir", str(resumed), *flags, "--resume_from_checkpoint", "last"])
+    third = json.loads((whole / "log_history.json").read_text())[-1]
+    logged = json.loads((resumed / "log_history.json").read_text())
+    assert [e["step"] for e in logged] == [3]
+    for name in ("loss", "loss_cls", "loss_patch_cosine", "loss_weight_condition"):
+        assert logged[0][name] == pytest.approx(third[name], rel=1e-6), name
