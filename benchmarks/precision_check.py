@@ -6,8 +6,8 @@ the released coefficients, on one CutMix-mixed batch:
 
   float32    every regularizer, evaluated under autocast on that forward's (low-precision) outputs as
              compute_loss evaluates it, is a finite float32 scalar equal (rtol 1e-5) to the same function run
-             outside autocast on float32 copies of the same inputs: its math ran in float32 (method.md: "all
-             regularizers are computed in float32 even when the forward runs in bf16/fp16");
+             outside autocast on float32 copies of the same inputs: its math ran in float32 (`docs/method.md`:
+             the regularizers compute in float32 whatever the forward's precision);
   agreement  each logged term matches the same step in full float32 within the dtype's tolerance, and the
              gradient of the total points the same way (cosine with the float32 gradient);
   weight     with Q/K/V grown to a spectral norm of 12 the weight term (about 2e4 per matrix) is far above fp16's
@@ -74,7 +74,7 @@ def diversified_step(
     dtype proves nothing.
     """
     # The terms compute_loss accumulates for logging (read here directly, one step at a time).
-    trainer._term_sums, trainer._term_count = {}, 0
+    trainer.term_log.sums, trainer.term_log.count = {}, 0
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # the same fresh power-iteration vectors in every run
     with autocast(batch["pixel_values"].device.type, dtype):
@@ -91,7 +91,7 @@ def diversified_step(
             raw = {name: (raw[name], terms[name]()) for name in raw}
     total.backward()
     gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).float()
-    return total.detach(), dict(trainer._term_sums), gradient, raw
+    return total.detach(), dict(trainer.term_log.sums), gradient, raw
 
 
 def regularizer_terms(model, outputs, batch: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:

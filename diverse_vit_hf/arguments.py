@@ -1,16 +1,16 @@
-"""Command-line arguments of the example scripts: the model to train, the data, and the DeiT recipe's learning-rate
-rules.
-
-Each is a dataclass whose fields are flags through `transformers.HfArgumentParser`, next to
-`DiverseTrainingArguments` (every `TrainingArguments` field plus the method's options).
-"""
+"""The example scripts' arguments: the model to train, the data, and the DeiT recipe's learning-rate rules. Each is a
+dataclass whose fields are command-line flags through `transformers.HfArgumentParser`, next to
+`DiverseTrainingArguments` (`training_args`)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from .data import CORRUPT_IMAGE_MODES, EMBEDDED_DATASETS
 from .presets import DEIT_MODEL_CONFIG_NAMES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass

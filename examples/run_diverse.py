@@ -36,6 +36,7 @@ from transformers import AutoConfig, HfArgumentParser, TrainerCallback, set_seed
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments
 from diverse_vit_hf.arguments import DataArguments, ModelArguments, RecipeArguments
+from diverse_vit_hf.checkpointing import check_output_dir, resolve_resume_checkpoint
 from diverse_vit_hf.data import (
     apply_image_transform,
     class_names,
@@ -46,11 +47,11 @@ from diverse_vit_hf.data import (
     skipped_images,
 )
 from diverse_vit_hf.evaluation import make_compute_metrics
+from diverse_vit_hf.guard import NonFiniteLossError
 from diverse_vit_hf.hub import CardInputs
 from diverse_vit_hf.presets import build_classifier
 from diverse_vit_hf.recipe import apply_recipe
 from diverse_vit_hf.splits import check_streaming, load_splits
-from diverse_vit_hf.trainer import NonFiniteLossError, check_output_dir, resolve_resume_checkpoint
 
 logger = logging.getLogger("run_diverse")
 # Card names of the embedded data sets.

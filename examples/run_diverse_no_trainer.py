@@ -36,6 +36,7 @@ from transformers import HfArgumentParser, get_scheduler
 
 from diverse_vit_hf import DiversityConfig, DiversityObjective
 from diverse_vit_hf.arguments import DataArguments, ModelArguments
+from diverse_vit_hf.checkpointing import check_output_dir
 from diverse_vit_hf.data import (
     apply_image_transform,
     class_names,
@@ -48,7 +49,6 @@ from diverse_vit_hf.hub import CardInputs, card_from_folder, save_model_card
 from diverse_vit_hf.optim import adamw_parameter_groups
 from diverse_vit_hf.presets import build_classifier
 from diverse_vit_hf.splits import load_splits
-from diverse_vit_hf.trainer import check_output_dir
 
 logger = logging.getLogger("run_diverse_no_trainer")
 CHECKPOINT_PREFIX = "checkpoint-"

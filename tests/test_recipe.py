@@ -17,7 +17,6 @@ from helpers import make_args as _make_args
 from helpers import make_dataset as _make_dataset
 from transformers import DeiTConfig, HfArgumentParser, TrainerCallback, ViTModel
 
-import diverse_vit_hf.trainer as trainer_module
 from diverse_vit_hf import (
     DEIT_MODEL_CONFIG_NAMES,
     DiverseDeiTForImageClassification,
@@ -29,6 +28,7 @@ from diverse_vit_hf import (
     load_diverse_model,
 )
 from diverse_vit_hf.arguments import ModelArguments, RecipeArguments
+from diverse_vit_hf.callbacks import EMA_STATE_NAME
 from diverse_vit_hf.data import collate_image_batch
 from diverse_vit_hf.modeling import BranchDropout
 from diverse_vit_hf.presets import build_classifier
@@ -370,7 +370,7 @@ def test_resume_restores_the_ema(tmp_path):
     reference = make_trainer(tmp_path / "reference", **common)
     reference.train()
     checkpoint = tmp_path / "reference" / "checkpoint-2"
-    assert (checkpoint / trainer_module.EMA_STATE_NAME).is_file()
+    assert (checkpoint / EMA_STATE_NAME).is_file()
 
     resumed = make_trainer(tmp_path / "reference", model_seed=123, **common)  # different weights: all from disk
     resumed.train(resume_from_checkpoint=str(checkpoint))

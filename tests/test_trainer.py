@@ -151,13 +151,14 @@ def test_each_term_is_logged_and_averaged(tmp_path):
     )
     trainer = DiverseTrainer(model=model, args=args, train_dataset=make_dataset(32), data_collator=collate_image_batch)
     recorded: list[dict[str, float]] = []
-    original = trainer._record_terms
+    objective = trainer.objective
 
-    def spy(terms):
-        recorded.append({k: v.item() for k, v in terms.items()})
-        original(terms)
+    def spy(model, batch, **kwargs):
+        result = objective(model, batch, **kwargs)
+        recorded.append({k: v.item() for k, v in result.terms.items()})
+        return result
 
-    trainer._record_terms = spy
+    trainer.objective = spy
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry and "loss_cls" in entry]
     assert len(logs) == 2
@@ -305,8 +306,8 @@ def test_diversified_step_makes_no_host_reads(tmp_path, overrides):
     torch.manual_seed(0)
     trainer = meta_step(tmp_path, DiverseViTForImageClassification(tiny_config()), **overrides)
     # The logged terms wait on the device until a logging step reads them.
-    assert set(trainer._term_sums) >= {"loss_cls", "loss_patch_cosine", "loss_weight_condition"}
-    assert all(value.device.type == "meta" for value in trainer._term_sums.values())
+    assert set(trainer.term_log.sums) >= {"loss_cls", "loss_patch_cosine", "loss_weight_condition"}
+    assert all(value.device.type == "meta" for value in trainer.term_log.sums.values())
 
 
 def test_distilled_deit_step_makes_no_host_reads(tmp_path):
