@@ -1,4 +1,4 @@
-"""Tests of `diverse_vit_hf.regularizers` against independent reference implementations of `shared/method.md`.
+"""Tests of `diverse_vit_hf.regularizers` against independent reference implementations of `docs/method.md`.
 
 The references below deliberately use a different computation from the package: explicit Python loops over
 patches / pairs / heads, full Gram matrices, `torch.linalg.eigvalsh` of `W W^T` in float64, and an

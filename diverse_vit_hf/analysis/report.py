@@ -283,8 +283,8 @@ def render_markdown(
         f"# {title or 'Redundancy analysis'}",
         "",
         f"{report.num_images} held-out images from `{settings.get('dataset')}` (split `{settings.get('split')}`), "
-        "models in eval mode, attention recomputed explicitly per block. Definitions: Diverse-ViT `method.md`, "
-        '"How to measure redundancy"; each metric is computed per image and averaged over images.',
+        "models in eval mode, attention recomputed explicitly per block. Definitions: diverse-vit-hf's "
+        '`docs/method.md`, "How to measure redundancy"; each metric is computed per image and averaged over images.',
         "",
         "## Summary",
         "",
