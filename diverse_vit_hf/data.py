@@ -382,7 +382,7 @@ class ImagePreprocessing:
             steps.append(T.CenterCrop(self.input_size))
         return T.Compose([*steps, *self.finish()])
 
-    def train_transform(self, augmentation: str) -> T.Compose:
+    def train_transform(self, augmentation: str) -> Callable[[PILImage.Image], torch.Tensor]:
         """The training pipeline at the model's input size: `none` (the evaluation pipeline), `light` (small random
         crops, no flips: digit/text safe) or `deit` (the DeiT recipe's augmentation)."""
         if augmentation not in AUGMENTATIONS:
@@ -397,7 +397,9 @@ class ImagePreprocessing:
         return _deit_train_transform(self.input_size, self.mean, self.std, self.interpolation)
 
 
-def processor_transforms(processor: Any, augmentation: str = "none") -> tuple[T.Compose, T.Compose]:
+def processor_transforms(
+    processor: Any, augmentation: str = "none"
+) -> tuple[Callable[[PILImage.Image], torch.Tensor], T.Compose]:
     """(training transform, evaluation transform) for a model's image processor, both at its input size.
 
     Evaluation resizes and center-crops as the processor does, with its resample filter, mean and std, so its output
@@ -431,7 +433,7 @@ def model_input_size(processor: Any) -> tuple[int, int]:
 
 def _deit_train_transform(
     input_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], interpolation: T.InterpolationMode
-) -> T.Compose:
+) -> Callable[[PILImage.Image], torch.Tensor]:
     """The `deit` training pipeline (the one place it is built): DeiT's own timm transform, RandAugment
     `rand-m9-mstd0.5-inc1` and pixel-mode random erasing (`diverse_vit_hf.augmentation.deit_train_transform`).
     `interpolation` is not used: DeiT trains with bicubic (`--train-interpolation bicubic`) whatever the checkpoint's
