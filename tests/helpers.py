@@ -1,8 +1,11 @@
-"""Builders shared by the test files: a tiny ViT, training arguments, random image batches, script loading."""
+"""Builders shared by the test files: a tiny ViT, training arguments, random image batches, script loading, and the
+environment and fast flags of the example scripts run as subprocesses."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +20,23 @@ from diverse_vit_hf.data import collate_image_batch
 REPO = Path(__file__).resolve().parents[1]
 RUN_DIVERSE = REPO / "examples" / "run_diverse.py"
 NUM_LABELS = 4
+# The environment of an example script run as a subprocess: offline, unbuffered output.
+SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def fast_flags(max_train_samples: int = 64, max_eval_samples: int = 32, batch_size: int | None = 16) -> list[str]:
+    """`run_diverse.py` flags for a one-epoch run of a 2-block, 32-wide ViT on a few embedded digits, on the CPU."""
+    flags = ["--max_train_samples", str(max_train_samples), "--max_eval_samples", str(max_eval_samples),
+             "--num_train_epochs", "1", "--hidden_size", "32", "--num_hidden_layers", "2", "--logging_steps", "2",
+             "--disable_tqdm", "true", "--use_cpu"]  # fmt: skip
+    return flags + (["--per_device_train_batch_size", str(batch_size)] if batch_size is not None else [])
+
+
+def run_checked(command: list[str], env: dict[str, str] | None = None, timeout: int = 900) -> str:
+    """Run a command from the repository root; fail with the end of its output unless it exits 0. Returns stdout."""
+    run = subprocess.run(command, cwd=REPO, env=env or SCRIPT_ENV, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
 
 
 def tiny_config(**overrides) -> ViTConfig:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV, run_checked
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "examples" / "run_diverse.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+SCRIPT = RUN_DIVERSE
+ENV = {**SCRIPT_ENV, "OMP_NUM_THREADS": "1"}
 # Deterministic on both sides: no mixing (partners would differ per shard), no random augmentation, exact
 # eigenvalues (no random power-iteration vectors), no dropout (the from-scratch config has none).
 COMMON = [
@@ -27,8 +25,7 @@ TERMS = ("loss_cls", "loss_patch_cosine", "loss_patch_contrastive", "loss_attent
 
 
 def _run(command: list[str]) -> None:
-    run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_checked(command, env=ENV)
 
 
 def _logged_terms(folder: Path) -> list[dict[str, float]]:

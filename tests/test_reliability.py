@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
-from helpers import REPO, build_trainer, load_script, snapshot, tiny_config
+from helpers import REPO, build_trainer, fast_flags, load_script, snapshot, tiny_config
 from helpers import make_args as _make_args
 from helpers import make_dataset as _make_dataset
 from PIL import Image as PILImage
@@ -38,25 +38,7 @@ from diverse_vit_hf.data import UnreadableImageError, collate_image_batch
 from diverse_vit_hf.guard import NonFiniteLossError, drop_gradients
 
 SECRET = "hf_secretTOKENabcdefghijklmnopqrstuvwxyz0123"
-FAST = [
-    "--max_train_samples",
-    "64",
-    "--max_eval_samples",
-    "32",
-    "--num_train_epochs",
-    "1",
-    "--hidden_size",
-    "32",
-    "--num_hidden_layers",
-    "2",
-    "--per_device_train_batch_size",
-    "16",
-    "--logging_steps",
-    "2",
-    "--disable_tqdm",
-    "true",
-    "--use_cpu",
-]
+FAST = fast_flags()
 
 
 def make_args(output_dir: Path, **overrides) -> DiverseTrainingArguments:
@@ -244,7 +226,7 @@ def test_drop_gradients_makes_a_grad_scaler_skip_the_step():
 
 
 def test_single_image_batch_left_by_skipping_is_trained_unmixed(tmp_path):
-    """A configured batch of 1 is refused up front (test_example); a batch of 1 at run time (an epoch's incomplete
+    """A configured batch of 1 is refused up front (test_run_diverse); a batch of 1 at run time (an epoch's incomplete
     last batch, or what --corrupt_images skip left) is trained without mixing instead of crashing the run."""
     trainer = make_trainer(tmp_path, mixing=True, weight_estimator="exact")
     model = trainer.model.train()
@@ -262,7 +244,7 @@ def test_max_consecutive_nonfinite_must_be_non_negative(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Bad input (the cases not already covered by test_modeling / test_mixing / test_data / test_example / test_trainer)
+# Bad input (the cases not already covered by test_modeling / test_mixing / test_data / test_run_diverse / test_trainer)
 
 
 def write_image_folder(root: Path, broken: bool = True, only_broken: bool = False) -> tuple[Path, Path, list[str]]:

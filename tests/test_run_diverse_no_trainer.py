@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
-from helpers import REPO, RUN_DIVERSE
+from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV, run_checked
 
 from diverse_vit_hf.hub import validate_card_offline
 
 NO_TRAINER = REPO / "examples" / "run_diverse_no_trainer.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+ENV = {**SCRIPT_ENV, "OMP_NUM_THREADS": "2"}
 # The same data, model, seed and recipe for both scripts (every regularizer and Mixup/CutMix on, by default).
 COMMON = (
     "--max_train_samples 128 --max_eval_samples 32 --hidden_size 32 --num_hidden_layers 2 "
@@ -23,8 +21,7 @@ COMMON = (
 
 
 def _run(command: list[str]) -> None:
-    run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_checked(command, env=ENV, timeout=600)
 
 
 @pytest.mark.slow

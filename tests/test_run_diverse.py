@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO, load_script
+from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV, fast_flags, load_script
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from diverse_vit_hf.arguments import ModelArguments
 from diverse_vit_hf.presets import build_classifier
 
-SCRIPT = REPO / "examples" / "run_diverse.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-FAST = [
-    "--max_train_samples",
-    "256",
-    "--max_eval_samples",
-    "64",
-    "--num_train_epochs",
-    "1",
-    "--hidden_size",
-    "32",
-    "--num_hidden_layers",
-    "2",
-    "--logging_steps",
-    "2",
-    "--disable_tqdm",
-    "true",
-    "--use_cpu",
-]
+SCRIPT, ENV = RUN_DIVERSE, SCRIPT_ENV
+FAST = fast_flags(max_train_samples=256, max_eval_samples=64, batch_size=None)
 
 
 VANILLA_CHECK = r"""

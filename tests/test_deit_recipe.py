@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from helpers import build_trainer, snapshot, tiny_config
+from helpers import build_trainer, fast_flags, snapshot, tiny_config
 from helpers import load_script as _load_script
 from helpers import make_args as _make_args
 from helpers import make_dataset as _make_dataset
@@ -34,25 +34,7 @@ from diverse_vit_hf.modeling import BranchDropout
 from diverse_vit_hf.presets import build_classifier
 from diverse_vit_hf.recipe import apply_recipe, update_steps_per_epoch
 
-FAST = [
-    "--max_train_samples",
-    "64",
-    "--max_eval_samples",
-    "32",
-    "--num_train_epochs",
-    "1",
-    "--per_device_train_batch_size",
-    "16",
-    "--hidden_size",
-    "32",
-    "--num_hidden_layers",
-    "2",
-    "--logging_steps",
-    "2",
-    "--disable_tqdm",
-    "true",
-    "--use_cpu",
-]
+FAST = fast_flags()
 
 
 def make_args(output_dir: Path, **overrides) -> DiverseTrainingArguments:
