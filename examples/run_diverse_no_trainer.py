@@ -69,7 +69,10 @@ class LoopArguments:
         default=0.05, metadata={"help": "AdamW weight decay (not on biases, norms, tokens, positions)."}
     )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers scheduler name."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up in optimizer steps."})
+    warmup_steps: float = field(
+        default=0.05,
+        metadata={"help": "Linear warm-up: optimizer steps, or below 1 a fraction of the training (as the Trainer)."},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: none)."})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing before mixing (DeiT: 0.1)."})
     seed: int = field(default=42, metadata={"help": "Seed; process r draws its randomness from seed + r (DeiT)."})
@@ -77,6 +80,9 @@ class LoopArguments:
     checkpointing_steps: str = field(
         default="epoch",
         metadata={"help": "Save the Accelerate state (checkpoint-<step>) every N optimizer steps, 'epoch' or 'no'."},
+    )
+    save_total_limit: int = field(
+        default=2, metadata={"help": "Keep only the newest N checkpoint-<step> folders (0: keep all)."}
     )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint-<step> folder, or 'last' for the newest in --output_dir."}
@@ -95,14 +101,18 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
     return output_dir / f"{CHECKPOINT_PREFIX}{max(steps)}" if steps else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
-    """`accelerator.save_state` into a hidden staging folder, renamed to checkpoint-<step> once complete."""
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+    """`accelerator.save_state` into a hidden staging folder, renamed to checkpoint-<step> once complete; then only
+    the newest `keep` checkpoints are kept (0: all)."""
     final, staging = output_dir / f"{CHECKPOINT_PREFIX}{step}", output_dir / f".{CHECKPOINT_PREFIX}{step}.saving"
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
+        steps = sorted(int(p.name[len(CHECKPOINT_PREFIX) :]) for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+        for old in steps[: max(len(steps) - keep, 0)] if keep > 0 else []:
+            shutil.rmtree(output_dir / f"{CHECKPOINT_PREFIX}{old}")
     accelerator.wait_for_everyone()
 
 
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     steps_per_epoch = math.ceil(len(train_loader) / loop.gradient_accumulation_steps)
     max_steps = loop.max_train_steps or loop.num_train_epochs * steps_per_epoch
     # Stepped once per optimizer step, as the Trainer does (not prepared: Accelerate would step it once per process).
-    scheduler = get_scheduler(loop.lr_scheduler_type, optimizer, loop.warmup_steps, max_steps)
+    warmup = math.ceil(loop.warmup_steps * max_steps) if 0 < loop.warmup_steps < 1 else int(loop.warmup_steps)
+    scheduler = get_scheduler(loop.lr_scheduler_type, optimizer, warmup, max_steps)
     accelerator.register_for_checkpointing(scheduler)
     if objective.power_state is not None:
         accelerator.register_for_checkpointing(objective.power_state)
@@ -233,12 +244,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 logger.info("%s", entry)
                 sums, count = {}, 0
             if loop.checkpointing_steps.isdigit() and step % int(loop.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, output_dir, step)
+                save_checkpoint(accelerator, output_dir, step, loop.save_total_limit)
             if step >= max_steps:
                 break
         epoch += 1
         if loop.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, output_dir, step)
+            save_checkpoint(accelerator, output_dir, step, loop.save_total_limit)
 
     top1 = evaluate(model, eval_loader, accelerator)
     metrics = {"eval_top1": top1}

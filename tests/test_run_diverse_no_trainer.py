@@ -16,7 +16,8 @@ ENV = {**SCRIPT_ENV, "OMP_NUM_THREADS": "2"}
 # The same data, model, seed and recipe for both scripts (every regularizer and Mixup/CutMix on, by default).
 COMMON = (
     "--max_train_samples 128 --max_eval_samples 32 --hidden_size 32 --num_hidden_layers 2 "
-    "--per_device_train_batch_size 16 --logging_steps 1 --seed 3 --learning_rate 2e-3 --weight_decay 0.05"
+    "--per_device_train_batch_size 16 --logging_steps 1 --seed 3 --learning_rate 2e-3 --weight_decay 0.05 "
+    "--warmup_steps 0"
 ).split()
 
 
@@ -29,7 +30,7 @@ def test_first_steps_equal_the_trainer_path_and_the_result_is_a_plain_checkpoint
     loop, trainer = tmp_path / "loop", tmp_path / "trainer"
     _run([sys.executable, str(NO_TRAINER), "--output_dir", str(loop), "--max_train_steps", "3",
           "--checkpointing_steps", "2", *COMMON])  # fmt: skip
-    _run([sys.executable, str(RUN_DIVERSE), "--output_dir", str(trainer), "--max_steps", "3", "--warmup_steps", "0",
+    _run([sys.executable, str(RUN_DIVERSE), "--output_dir", str(trainer), "--max_steps", "3",
           "--use_cpu", "--save_strategy", "no", "--redundancy_images", "0", *COMMON])  # fmt: skip
 
     ours = json.loads((loop / "log_history.json").read_text())
