@@ -9,14 +9,60 @@ compared with the baseline seed by seed: d_s = arm_s - baseline_s over the seeds
 The t quantile comes from `scipy.stats.t.ppf` when scipy is installed, otherwise from `student_t_quantile`: the
 exact Student t CDF for an integer number of degrees of freedom (Abramowitz & Stegun 26.7.3-4, a finite sum) inverted
 by bisection. Everything here is pure Python on plain numbers.
+
+The study's arms (`STUDY_ARMS`) live here too, so every script that compares against "the baseline" means the
+paper's: the DeiT recipe itself (Mixup/CutMix on, CLS loss) with only the diversity terms and the patch-wise loss
+removed.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from .configuration import DiversityConfig
+
+DIVERSITY_COEFFICIENTS = (
+    "patch_cosine_coef",
+    "patch_contrastive_coef",
+    "attention_cosine_coef",
+    "weight_condition_coef",
+)
+
+
+@dataclass(frozen=True)
+class StudyArm:
+    """One arm of a study: which diversity coefficients are on (at their released values) and the training loss.
+
+    Mixup/CutMix stay on in every arm: they are part of the DeiT recipe the paper's baseline trains with.
+    """
+
+    description: str
+    enabled: tuple[str, ...]
+    patch_mixing_loss: bool
+
+    @property
+    def flags(self) -> list[str]:
+        """`examples/run_diverse.py` flags: every coefficient explicit (released value if enabled, else 0), and
+        `--no_patch_mixing_loss` for the CLS-token loss."""
+        released = {f.name: f.default for f in fields(DiversityConfig)}
+        flags = [
+            flag
+            for name in DIVERSITY_COEFFICIENTS
+            for flag in (f"--{name}", str(released[name] if name in self.enabled else 0))
+        ]
+        return flags + ([] if self.patch_mixing_loss else ["--no_patch_mixing_loss"])
+
+
+STUDY_ARMS = {
+    "baseline": StudyArm("DeiT recipe: Mixup/CutMix, CLS loss, no diversity term", (), False),
+    "diverse": StudyArm("Diverse-ViT, released settings: all terms + patch-wise loss", DIVERSITY_COEFFICIENTS, True),
+    "patch": StudyArm("patch cosine + contrastive + patch-wise loss", DIVERSITY_COEFFICIENTS[:2], True),
+    "attention": StudyArm("attention term alone, CLS loss", DIVERSITY_COEFFICIENTS[2:3], False),
+    "weight": StudyArm("weight term alone, CLS loss", DIVERSITY_COEFFICIENTS[3:], False),
+}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -252,7 +298,10 @@ def study_statistics(
 
 
 __all__ = [
+    "DIVERSITY_COEFFICIENTS",
+    "STUDY_ARMS",
     "PairedDifference",
+    "StudyArm",
     "mean_std",
     "paired_difference",
     "run_values",

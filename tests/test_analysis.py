@@ -47,6 +47,7 @@ from diverse_vit_hf.cli import main as cli_main
 from diverse_vit_hf.data import load_embedded_dataset, train_eval_split
 from diverse_vit_hf.fileio import current_umask
 from diverse_vit_hf.regularizers import attention_cosine_loss, patch_cosine_loss, weight_condition_loss
+from diverse_vit_hf.study import DIVERSITY_COEFFICIENTS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -476,17 +477,12 @@ def test_callback_during_diverse_training(tiny_vit_config, tmp_path):
 
 @pytest.mark.slow
 def test_compare_redundancy_smoke_run(tmp_path):
-    import importlib.util
-    import sys
     from pathlib import Path
 
     from huggingface_hub import ModelCard
 
     script = Path(__file__).resolve().parents[1] / "examples" / "compare_redundancy.py"
-    spec = importlib.util.spec_from_file_location("compare_redundancy", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script(script, "compare_redundancy")
     out = tmp_path / "cmp"
     results = module.main(["--output_dir", str(out), "--epochs", "1", "--max_train_samples", "256", "--num_images",
                            "32", "--hidden_size", "32", "--num_hidden_layers", "2", "--patch_size", "7",
@@ -501,5 +497,12 @@ def test_compare_redundancy_smoke_run(tmp_path):
             card = ModelCard.load(out / dataset / name / "README.md")
             assert card.data.pipeline_tag == "image-classification" and str(tmp_path) not in card.content
         assert "baseline" in ModelCard.load(out / dataset / "baseline" / "README.md").data.tags
+        # The paper's baseline: the DeiT recipe's Mixup/CutMix stays on, only the diversity terms are off.
+        baseline_args = json.loads((out / dataset / "baseline" / "training_args.json").read_text())
+        assert baseline_args["mixing"] and not baseline_args["patch_mixing_loss"]
+        assert all(baseline_args[name] == 0 for name in DIVERSITY_COEFFICIENTS)
+        diverse_args = json.loads((out / dataset / "diversified" / "training_args.json").read_text())
+        assert diverse_args["mixing"] and diverse_args["patch_mixing_loss"]
+        assert all(diverse_args[name] > 0 for name in DIVERSITY_COEFFICIENTS)
     summary = (out / "summary.md").read_text()
     assert "## mnist" in summary and "## lfw" in summary and "top1_accuracy" in summary

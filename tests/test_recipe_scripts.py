@@ -3,7 +3,6 @@ of the weight-level regularizer under parameter sharding (diverse_vit_hf/distrib
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import shutil
@@ -19,6 +18,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
+from helpers import load_script
 from transformers import HfArgumentParser, ViTConfig
 
 from diverse_vit_hf import DiverseViTForImageClassification
@@ -131,18 +131,6 @@ def _launch_arguments(script: Path, tmp_path: Path) -> list[str]:
     return record.read_text().split("\0")[:-1]
 
 
-def _load_run_diverse():
-    spec = importlib.util.spec_from_file_location("recipes_run_diverse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(spec.name, None)
-        raise
-    return module
-
-
 class _Parsed(Exception):
     def __init__(self, parser: HfArgumentParser, result: tuple):
         super().__init__("parsed")
@@ -170,7 +158,7 @@ def _parse_like_main(module, argv: list[str]) -> tuple[HfArgumentParser, list, l
 
 @pytest.fixture(scope="module")
 def run_diverse():
-    module = _load_run_diverse()
+    module = load_script(SCRIPT, "recipes_run_diverse")
     yield module
     sys.modules.pop("recipes_run_diverse", None)
 
