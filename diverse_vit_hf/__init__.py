@@ -1,15 +1,23 @@
 """diverse-vit-hf: Diverse-ViT (Chen et al., CVPR 2022) for Hugging Face transformers.
 
-Train ViT/DeiT models with diversity regularizers at the patch-embedding, attention and weight levels, using
-`transformers.Trainer`, `accelerate` and `datasets`, and save plain ViT/DeiT checkpoints that load anywhere.
+Train ViT-family models (ViT, DeiT, DINOv2, DINOv2 with registers, BEiT, ViT-MSN, I-JEPA) with diversity
+regularizers at the patch-embedding, attention and weight levels, using `transformers.Trainer`, `accelerate` and
+`datasets`, and save plain checkpoints of the stock classes that load anywhere.
 """
 
 from .configuration import LOSS_TERM_NAMES, DiversityConfig
 from .mixing import MixedBatch, PatchMixCollator, PatchMixupCutmix
 from .modeling import (
+    DIVERSE_MODEL_CLASSES,
+    SUPPORTED_MODEL_TYPES,
+    DiverseBeitForImageClassification,
     DiverseDeiTForImageClassification,
+    DiverseDinov2ForImageClassification,
+    DiverseDinov2WithRegistersForImageClassification,
+    DiverseIJepaForImageClassification,
     DiverseImageClassifierOutput,
     DiverseViTForImageClassification,
+    DiverseViTMSNForImageClassification,
     diverse_model_class_for_config,
     load_diverse_model,
 )
@@ -28,13 +36,20 @@ from .trainer import DiverseTrainer, DiverseTrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIVERSE_MODEL_CLASSES",
     "DIVERSITY_TERMS",
     "LOSS_TERM_NAMES",
+    "SUPPORTED_MODEL_TYPES",
+    "DiverseBeitForImageClassification",
     "DiverseDeiTForImageClassification",
+    "DiverseDinov2ForImageClassification",
+    "DiverseDinov2WithRegistersForImageClassification",
+    "DiverseIJepaForImageClassification",
     "DiverseImageClassifierOutput",
     "DiverseTrainer",
     "DiverseTrainingArguments",
     "DiverseViTForImageClassification",
+    "DiverseViTMSNForImageClassification",
     "DiversityConfig",
     "DiversityObjective",
     "DiversityTerm",

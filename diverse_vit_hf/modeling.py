@@ -24,16 +24,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, DeiTForImageClassification, PretrainedConfig, ViTForImageClassification
+from transformers import (
+    AutoConfig,
+    BeitForImageClassification,
+    DeiTForImageClassification,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersForImageClassification,
+    IJepaForImageClassification,
+    PretrainedConfig,
+    ViTForImageClassification,
+    ViTMSNForImageClassification,
+)
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from .families import attention_module, backbone_layers, block_linear, final_norm
 from .fileio import atomic_write_text
 from .mixing import check_patch_grid
 from .regularizers import soft_target_cross_entropy
 
 BLOCK1_EAGER_PREFIX = "diverse_vit_block1_eager+"
-SUPPORTED_MODEL_TYPES = ("vit", "deit")
 
 
 @dataclass
@@ -42,11 +52,13 @@ class DiverseImageClassifierOutput(ImageClassifierOutput):
 
     Attributes:
         loss: image-level cross-entropy of `logits` against `labels` (hard or soft), when labels are given.
-        logits: `(B, C)` classifier logits of the CLS token.
+        logits: `(B, C)` the image logits, exactly as the stock class computes them (CLS token, or the family's
+            pooled head).
         first_hidden_state: `(B, N, D)` `h^0`, the tokens entering block 1 (embeddings after dropout).
-        last_block_hidden_state: `(B, N, D)` `h^L`, the last block's output before the final LayerNorm.
+        last_block_hidden_state: `(B, N, D)` `h^L`, the last block's output before the final norm.
         first_block_attention_probs: `(B, H, N, N)` block 1's softmax attention probabilities, before dropout.
-        token_logits: `(B, N, C)` the classifier (final LayerNorm, then head) applied to every token.
+        token_logits: `(B, N, C)` the head applied to every token (per family, see `token_head`); the patch-wise
+            mixing loss reads the patch entries `[:, K:]`.
     """
 
     first_hidden_state: torch.FloatTensor | None = None
@@ -149,17 +161,25 @@ class BranchDropout(nn.Module):
 
 
 class DiverseModelMixin:
-    """Shared behaviour of the diverse ViT/DeiT classifiers. `num_prefix_tokens` is set by each subclass."""
+    """Shared behaviour of the diverse classifiers. Each family class sets `num_prefix_tokens` (or computes it from
+    the config) and, where its head is not "the head on the CLS token", overrides `token_head`."""
 
     num_prefix_tokens: int
     base_model_prefix: str
     config: PretrainedConfig
     classifier: nn.Module
+    # DINOv2 interpolates its position embeddings for every input size; the others only when asked.
+    always_interpolates_pos_encoding: bool = False
 
     @property
     def backbone(self) -> nn.Module:
-        """The `ViTModel` / `DeiTModel` inside the classifier."""
+        """The backbone model inside the classifier (`ViTModel`, `DeiTModel`, `Dinov2Model`, ...)."""
         return getattr(self, self.base_model_prefix)
+
+    @property
+    def diversity_layers(self) -> nn.ModuleList:
+        """The backbone's transformer blocks, in order."""
+        return backbone_layers(self.backbone)
 
     def attention_projection_weights(self) -> torch.Tensor:
         """The query, key and value weights of every block, stacked for one batched call.
@@ -167,24 +187,30 @@ class DiverseModelMixin:
         Returns:
             `(3 * L, D_attn, D)` in block order `[Q_1, K_1, V_1, Q_2, ...]`.
         """
-        weights = []
-        for layer in self.backbone.layers:
-            attention = layer.attention
-            weights.extend((attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight))
-        return torch.stack(weights)
+        return torch.stack(
+            [
+                block_linear(layer, name).weight
+                for layer in self.diversity_layers
+                for name in ("q_proj", "k_proj", "v_proj")
+            ]
+        )
 
     def set_drop_path_rate(self, drop_path_rate: float) -> list[float]:
         """Enable stochastic depth with the DeiT/timm schedule: rate `i / (L - 1) * drop_path_rate` for block i.
 
-        Adds no parameters (see `BranchDropout`); the saved checkpoint is unchanged. Call again with 0 to turn
-        it off. Returns the per-block rates.
+        Adds no parameters (see `BranchDropout`); the saved checkpoint is unchanged. Families with their own
+        drop-path slot (DINOv2, BEiT) get it there, with no extra dropout; ViT-style blocks get it in the
+        residual-branch dropout. Call again with 0 to turn it off. Returns the per-block rates.
         """
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"`drop_path_rate` must lie in [0, 1) (DeiT uses 0.1), got {drop_path_rate}.")
-        layers = self.backbone.layers
+        layers = self.diversity_layers
         rates = torch.linspace(0.0, drop_path_rate, len(layers)).tolist() if len(layers) > 1 else [drop_path_rate]
         for layer, rate in zip(layers, rates, strict=True):
-            layer.dropout = BranchDropout(self.config.hidden_dropout_prob, rate).train(layer.training)
+            if hasattr(layer, "drop_path"):
+                layer.drop_path = BranchDropout(0.0, rate).train(layer.training)
+            else:
+                layer.dropout = BranchDropout(self.config.hidden_dropout_prob, rate).train(layer.training)
         return rates
 
     def install_block1_attention_capture(self) -> None:
@@ -192,7 +218,7 @@ class DiverseModelMixin:
         implementation = self.config._attn_implementation or "sdpa"
         if not implementation.startswith(BLOCK1_EAGER_PREFIX):
             self.set_attn_implementation(register_block1_eager_attention(implementation))
-        self.backbone.layers[0].attention._diverse_capture_probs = True
+        attention_module(self.diversity_layers[0])._diverse_capture_probs = True
 
     def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None) -> None:
         """Raise a clear `ValueError` for images this model cannot take."""
@@ -209,6 +235,8 @@ class DiverseModelMixin:
                 "the images (e.g. PIL `image.convert('RGB')`) or build the model with a matching `num_channels`."
             )
         check_patch_grid(height, width, self.config.patch_size)
+        if self.always_interpolates_pos_encoding:
+            return
         expected = self.config.image_size
         expected = (expected, expected) if isinstance(expected, int) else tuple(expected)
         if (height, width) != expected and not interpolate_pos_encoding:
@@ -216,6 +244,25 @@ class DiverseModelMixin:
                 f"The model was built for {expected[0]}x{expected[1]} images but got {height}x{width}. Resize the "
                 "images with the model's image processor, or pass `interpolate_pos_encoding=True`."
             )
+
+    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image logits and the per-token logits from the backbone's final (normalised) tokens.
+
+        Default (ViT, DeiT, ViT-MSN): the head reads the CLS token, so the per-token logits are the head applied to
+        every token and the image logits are token 0's.
+
+        Args:
+            sequence_output: `(B, N, D)` the backbone's `last_hidden_state`.
+
+        Returns:
+            `(logits (B, C), token_logits (B, N, C))`.
+        """
+        token_logits = self.classifier(sequence_output)
+        return token_logits[:, 0], token_logits
+
+    def backbone_kwargs(self, interpolate_pos_encoding: bool | None) -> dict[str, Any]:
+        """Keyword arguments of the backbone's forward for the regularizers' pass."""
+        return {"interpolate_pos_encoding": bool(interpolate_pos_encoding)}
 
     def forward(
         self,
@@ -232,18 +279,15 @@ class DiverseModelMixin:
             labels: `(B,)` class indices or `(B, num_labels)` soft targets. Soft targets use a soft-target
                 cross-entropy and never switch the config to multi-label (the stock forward would).
             interpolate_pos_encoding: interpolate position embeddings for other image sizes.
-            return_diversity_outputs: also return `h^0`, pre-LayerNorm `h^L`, block-1 attention probabilities
-                and per-token logits (a `DiverseImageClassifierOutput`). Without it the forward is the stock one.
+            return_diversity_outputs: also return `h^0`, pre-norm `h^L`, block-1 attention probabilities and
+                per-token logits (a `DiverseImageClassifierOutput`). Without it the forward is the stock one.
         """
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         soft_labels = labels is not None and labels.is_floating_point()
         if not return_diversity_outputs:
-            outputs = super().forward(
-                pixel_values,
-                labels=None if soft_labels else labels,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                **kwargs,
-            )
+            if interpolate_pos_encoding is not None and not self.always_interpolates_pos_encoding:
+                kwargs["interpolate_pos_encoding"] = interpolate_pos_encoding
+            outputs = super().forward(pixel_values, labels=None if soft_labels else labels, **kwargs)
             if soft_labels:
                 outputs.loss = soft_target_cross_entropy(outputs.logits, labels)
             return outputs
@@ -255,33 +299,49 @@ class DiverseModelMixin:
                 "tensors the regularizers need. Run a separate forward for full attentions/hidden states."
             )
         self.install_block1_attention_capture()
-        backbone = self.backbone
+        backbone, layers = self.backbone, self.diversity_layers
         # Reentrant activation checkpointing runs the forward under no_grad, which would detach the captured
         # probabilities (the recompute cannot hand them back): block 1 is never checkpointed, the rest may be.
-        backbone.layers[0].gradient_checkpointing = False
-        projection = backbone.embeddings.patch_embeddings.projection
-        first_hidden = backbone.embeddings(
-            pixel_values.to(projection.weight.dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding)
-        )
-        first_attention = backbone.layers[0].attention
+        layers[0].gradient_checkpointing = False
+        captured: dict[str, torch.Tensor] = {}
         sink: list[torch.Tensor] = []
+        first_attention = attention_module(layers[0])
         first_attention._diverse_probs_sink = sink
+
+        def on_embeddings(module: nn.Module, args: Any, output: Any) -> None:
+            captured["first"] = output[0] if isinstance(output, tuple) else output
+
+        def before_final_norm(module: nn.Module, args: Any) -> None:
+            # The final norm's input is h^L; it runs outside any checkpointed block, so it keeps its graph.
+            captured["last"] = args[0]
+
+        handles = [
+            backbone.embeddings.register_forward_hook(on_embeddings),
+            final_norm(backbone).register_forward_pre_hook(before_final_norm),
+        ]
+        projection = backbone.embeddings.patch_embeddings.projection
         try:
-            hidden = first_hidden
-            for layer in backbone.layers:
-                hidden = layer(hidden, None)
+            outputs = backbone(
+                pixel_values.to(projection.weight.dtype), **self.backbone_kwargs(interpolate_pos_encoding)
+            )
         finally:
             first_attention._diverse_probs_sink = None
-        token_logits = self.classifier(backbone.layernorm(hidden))
-        logits = token_logits[:, 0]
+            for handle in handles:
+                handle.remove()
+        if len(sink) != 1 or set(captured) != {"first", "last"}:
+            raise RuntimeError(
+                f"{type(self).__name__}: the regularizers' inputs were not all captured (block-1 probabilities: "
+                f"{len(sink)}, tensors: {sorted(captured)}); this transformers version lays the model out differently."
+            )
+        logits, token_logits = self.token_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
             loss = soft_target_cross_entropy(logits, labels)
         return DiverseImageClassifierOutput(
             loss=loss,
             logits=logits,
-            first_hidden_state=first_hidden,
-            last_block_hidden_state=hidden,
+            first_hidden_state=captured["first"],
+            last_block_hidden_state=captured["last"],
             first_block_attention_probs=sink[0],
             token_logits=token_logits,
         )
@@ -320,27 +380,147 @@ class DiverseDeiTForImageClassification(DiverseModelMixin, DeiTForImageClassific
     num_prefix_tokens = 2
 
 
+class DiverseViTMSNForImageClassification(DiverseModelMixin, ViTMSNForImageClassification):
+    """`ViTMSNForImageClassification` (MSN-pretrained ViT, e.g. `facebook/vit-msn-small`) that can return the
+    regularizers' inputs. One prefix token (CLS), which the head reads. Saves plain ViT-MSN checkpoints."""
+
+    num_prefix_tokens = 1
+
+
+def _cls_and_token_logits(classifier: nn.Module, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`classifier([cls; token])` for every token at once, by splitting the linear head's weight.
+
+    Args:
+        cls: `(B, D)`; tokens: `(B, N, D)`.
+
+    Returns:
+        `(B, N, C)`.
+    """
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError("The classifier must be a linear layer (num_labels > 0) to compute per-token logits.")
+    hidden = cls.shape[-1]
+    weight = classifier.weight
+    cls_part = F.linear(cls, weight[:, :hidden], classifier.bias)  # (B, C)
+    return cls_part.unsqueeze(1) + F.linear(tokens, weight[:, hidden:])
+
+
+class DiverseDinov2ForImageClassification(DiverseModelMixin, Dinov2ForImageClassification):
+    """`Dinov2ForImageClassification` that can return the regularizers' inputs. One prefix token (CLS).
+
+    The stock head is linear on `[h_CLS; mean of the patch tokens]` (final LayerNorm applied). Per-token logits are
+    that head with the mean replaced by one token, `z_i = W [h_CLS; h_i] + b`; by linearity the mean of the patch
+    tokens' `z_i` is exactly the image logits. DINOv2 interpolates its position embeddings for every input size.
+    """
+
+    num_prefix_tokens = 1
+    always_interpolates_pos_encoding = True
+
+    def backbone_kwargs(self, interpolate_pos_encoding: bool | None) -> dict[str, Any]:
+        return {}
+
+    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, patches = sequence_output[:, 0], sequence_output[:, self.num_prefix_tokens :]
+        logits = self.classifier(torch.cat([cls, patches.mean(dim=1)], dim=1))
+        return logits, _cls_and_token_logits(self.classifier, cls, sequence_output)
+
+
+class DiverseDinov2WithRegistersForImageClassification(DiverseModelMixin, Dinov2WithRegistersForImageClassification):
+    """`Dinov2WithRegistersForImageClassification` that can return the regularizers' inputs. Prefix tokens: CLS and
+    `config.num_register_tokens` registers (the regularizers and the patch-wise loss skip them all). Head and
+    per-token logits as in `DiverseDinov2ForImageClassification`."""
+
+    always_interpolates_pos_encoding = True
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_register_tokens
+
+    def backbone_kwargs(self, interpolate_pos_encoding: bool | None) -> dict[str, Any]:
+        return {}
+
+    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return DiverseDinov2ForImageClassification.token_head(self, sequence_output)
+
+
+class _MeanPoolingHeadMixin:
+    """BEiT-style heads: with `use_mean_pooling` the image feature is `LayerNorm(mean of the patch tokens)` (the
+    backbone's own final norm is then an identity); otherwise the final-normalised CLS token, as in ViT.
+
+    Per-token logits with mean pooling are the head applied to one token as if it were the pooled feature,
+    `z_i = W LayerNorm_pool(h_i) + b`. Unlike DINOv2's, their mean is not the image logits (LayerNorm is not linear);
+    the patch-wise mixing loss pairs them with each patch's own label, as it does for ViT.
+    """
+
+    def backbone_kwargs(self, interpolate_pos_encoding: bool | None) -> dict[str, Any]:
+        return {"interpolate_pos_encoding": bool(interpolate_pos_encoding)}
+
+    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool_norm = getattr(self.backbone.pooler, "layernorm", None)
+        if pool_norm is None:  # CLS pooling
+            token_logits = self.classifier(sequence_output)
+            return token_logits[:, 0], token_logits
+        logits = self.classifier(pool_norm(sequence_output[:, self.num_prefix_tokens :].mean(dim=1)))
+        return logits, self.classifier(pool_norm(sequence_output))
+
+
+class DiverseBeitForImageClassification(_MeanPoolingHeadMixin, DiverseModelMixin, BeitForImageClassification):
+    """`BeitForImageClassification` (e.g. `microsoft/beit-base-patch16-224`) that can return the regularizers'
+    inputs. One prefix token (CLS); relative position bias and layer scale as in the stock class (block 1's
+    captured probabilities include the bias). Head: see `_MeanPoolingHeadMixin`."""
+
+    num_prefix_tokens = 1
+
+
+class DiverseIJepaForImageClassification(DiverseModelMixin, IJepaForImageClassification):
+    """`IJepaForImageClassification` that can return the regularizers' inputs. I-JEPA has no CLS token: no prefix
+    tokens, and the head is linear on the mean of all (final-normalised) tokens.
+
+    Per-token logits are the head on each token, `z_i = W h_i + b`; by linearity their mean is exactly the image
+    logits. The patch-wise mixing loss uses the image logits where the other families use the CLS token's.
+    """
+
+    num_prefix_tokens = 0
+
+    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        token_logits = self.classifier(sequence_output)
+        return self.classifier(sequence_output.mean(dim=1)), token_logits
+
+
 DIVERSE_MODEL_CLASSES: dict[str, type[DiverseModelMixin]] = {
     "vit": DiverseViTForImageClassification,
     "deit": DiverseDeiTForImageClassification,
+    "vit_msn": DiverseViTMSNForImageClassification,
+    "dinov2": DiverseDinov2ForImageClassification,
+    "dinov2_with_registers": DiverseDinov2WithRegistersForImageClassification,
+    "beit": DiverseBeitForImageClassification,
+    "ijepa": DiverseIJepaForImageClassification,
+}
+SUPPORTED_MODEL_TYPES = tuple(DIVERSE_MODEL_CLASSES)
+# Families whose transformers classes cannot give the block-1 contract, and why (the error says so).
+UNSUPPORTED_MODEL_TYPES = {
+    "data2vec-vision": "transformers' Data2VecVision still picks its attention class at construction and does not "
+    "call the `ALL_ATTENTION_FUNCTIONS` interface, so block 1 alone cannot run an eager kernel",
+    "swin": "Swin attends within shifted local windows over hierarchical (merged) tokens: there is no global patch "
+    "sequence or N x N attention map for the patch and attention terms to be defined on",
 }
 
 
 def diverse_model_class_for_config(config: PretrainedConfig) -> type[DiverseModelMixin]:
-    """The diverse classifier class for a ViT or DeiT config; a clear error for anything else."""
+    """The diverse classifier class for a config's `model_type`; a clear error naming the supported ones."""
     model_type = getattr(config, "model_type", None)
     if model_type not in DIVERSE_MODEL_CLASSES:
+        reason = UNSUPPORTED_MODEL_TYPES.get(model_type)
         raise ValueError(
-            f"Diverse-ViT supports ViT and DeiT models (config model_type 'vit' or 'deit'), but this checkpoint has "
-            f"model_type {model_type!r}. Pass a ViT/DeiT checkpoint such as facebook/deit-small-patch16-224."
+            f"This checkpoint has model_type {model_type!r}, which Diverse-ViT does not support"
+            + (f": {reason}." if reason else ".")
+            + f" Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} (e.g. facebook/deit-small-patch16-224, "
+            "facebook/dinov2-small-imagenet1k-1-layer, microsoft/beit-base-patch16-224)."
         )
     return DIVERSE_MODEL_CLASSES[model_type]
 
 
-def load_diverse_model(
-    name_or_path: str, allow_pickle: bool = False, **kwargs: Any
-) -> DiverseViTForImageClassification | DiverseDeiTForImageClassification:
-    """`from_pretrained` of the right diverse class for a ViT/DeiT checkpoint (Hub id or local folder).
+def load_diverse_model(name_or_path: str, allow_pickle: bool = False, **kwargs: Any) -> DiverseModelMixin:
+    """`from_pretrained` of the diverse class for a checkpoint's `model_type` (Hub id or local folder).
 
     Keyword arguments go to both `AutoConfig.from_pretrained` (config overrides such as `num_labels`,
     `id2label`) and `from_pretrained` (e.g. `ignore_mismatched_sizes`, `dtype`).
@@ -370,10 +550,18 @@ def load_diverse_model(
 
 __all__ = [
     "DIVERSE_MODEL_CLASSES",
+    "SUPPORTED_MODEL_TYPES",
+    "UNSUPPORTED_MODEL_TYPES",
     "BranchDropout",
+    "DiverseBeitForImageClassification",
     "DiverseDeiTForImageClassification",
+    "DiverseDinov2ForImageClassification",
+    "DiverseDinov2WithRegistersForImageClassification",
+    "DiverseIJepaForImageClassification",
     "DiverseImageClassifierOutput",
+    "DiverseModelMixin",
     "DiverseViTForImageClassification",
+    "DiverseViTMSNForImageClassification",
     "diverse_model_class_for_config",
     "eager_attention_with_probs",
     "load_diverse_model",

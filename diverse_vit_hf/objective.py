@@ -203,7 +203,10 @@ class DiversityObjective:
         pixel_values, targets, patch_targets = self.targets(batch)
         outputs = model(pixel_values=pixel_values, return_diversity_outputs=self.config.needs_diversity_outputs)
         if self.config.patch_mixing_loss:
-            loss = patch_mixing_loss(outputs.token_logits, targets, patch_targets, unwrapped.num_prefix_tokens)
+            # The image-level term reads the model's image logits: token 0's for CLS heads, the pooled head's else.
+            loss = patch_mixing_loss(
+                outputs.token_logits, targets, patch_targets, unwrapped.num_prefix_tokens, image_logits=outputs.logits
+            )
         else:
             loss = soft_target_cross_entropy(outputs.logits, targets)
         terms = {"loss_cls": loss.detach()}

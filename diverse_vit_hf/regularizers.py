@@ -321,28 +321,35 @@ def patch_mixing_loss(
     targets: torch.Tensor,
     patch_targets: torch.Tensor,
     num_prefix_tokens: int = 1,
+    image_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Patch-wise mixing loss (method 1c): `(CE(z_CLS, y) + sum_p CE(z_p, y_p)) / (1 + P)`, mean over the batch.
 
     One fused cross-entropy over the `B * (1 + P)` rows. Prefix tokens other than CLS (DeiT's distillation
-    token) are not part of the loss.
+    token, DINOv2's registers) are not part of the loss. For heads that do not read a CLS token (mean-pooled, or
+    DINOv2's CLS + mean), `image_logits` takes the place of `z_CLS`: the image-level term is then the model's own
+    image prediction.
 
     Args:
         token_logits: `(B, N, C)` classifier logits of every token; token 0 is CLS, tokens `K:` are patches.
         targets: `(B, C)` image-level (mixed, smoothed) probabilities, or `(B,)` class indices.
         patch_targets: `(B, P, C)` per-patch probabilities, or `(B, P)` class indices.
-        num_prefix_tokens: K.
+        num_prefix_tokens: K (may be 0 when `image_logits` is given, e.g. I-JEPA).
+        image_logits: `(B, C)` the image logits to use instead of token 0's, or None.
 
     Returns:
         Float32 scalar.
     """
     if token_logits.ndim != 3:
         raise ValueError(f"`token_logits` must have shape (batch, tokens, classes), got {tuple(token_logits.shape)}.")
-    if num_prefix_tokens < 1:
+    if num_prefix_tokens < (0 if image_logits is not None else 1):
         raise ValueError(
-            f"patch_mixing_loss needs the CLS token at position 0 (num_prefix_tokens >= 1), got {num_prefix_tokens}."
+            f"patch_mixing_loss needs the CLS token at position 0 (num_prefix_tokens >= 1) or `image_logits`, got "
+            f"num_prefix_tokens={num_prefix_tokens}."
         )
     batch, tokens, classes = token_logits.shape
+    if image_logits is not None and tuple(image_logits.shape) != (batch, classes):
+        raise ValueError(f"`image_logits` must have shape {(batch, classes)}, got {tuple(image_logits.shape)}.")
     num_patches = tokens - num_prefix_tokens
     soft = targets.is_floating_point()
     expected_targets = (batch, classes) if soft else (batch,)
@@ -355,7 +362,9 @@ def patch_mixing_loss(
         )
     if patch_targets.is_floating_point() != soft:
         raise ValueError("`targets` and `patch_targets` must both be probabilities or both be class indices.")
-    if num_prefix_tokens == 1:
+    if image_logits is not None:
+        logits = torch.cat([image_logits.unsqueeze(1), token_logits[:, num_prefix_tokens:]], dim=1)
+    elif num_prefix_tokens == 1:
         logits = token_logits
     else:
         logits = torch.cat([token_logits[:, :1], token_logits[:, num_prefix_tokens:]], dim=1)
