@@ -32,6 +32,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from .analysis import PLOT_FILES, RedundancyReport, summary_table_markdown
 from .configuration import DiversityConfig
 from .fileio import atomic_write, atomic_write_text
+from .modeling import SUPPORTED_MODEL_TYPES
 
 # The template lives in the repository's model_cards/ folder: next to the package in a source or editable install,
 # and under <prefix>/share/diverse-vit-hf/model_cards/ once installed from a wheel (setup.cfg data_files).
@@ -188,7 +189,7 @@ def build_model_card(
     """Render a Diverse-ViT model card.
 
     Args:
-        config: the model's `PretrainedConfig` (or its dict); must be `model_type` vit or deit.
+        config: the model's `PretrainedConfig` (or its dict); its `model_type` must be a supported one.
         inputs: dataset, base model, license, texts (see `CardInputs`).
         repo_id: `namespace/name` the card is for; used in the usage snippet and widget URLs. Without it the snippet
             shows a placeholder and no widget is declared.
@@ -205,9 +206,10 @@ def build_model_card(
     inputs = inputs or CardInputs()
     config = _config_dict(config)
     model_type = config.get("model_type")
-    if model_type not in ("vit", "deit"):
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"Diverse-ViT cards describe ViT/DeiT models (model_type 'vit' or 'deit'), got {model_type!r}."
+            f"Diverse-ViT cards describe models of the supported families (model_type "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}), got {model_type!r}."
         )
     if repo_id is not None:
         check_repo_id(repo_id)
@@ -253,7 +255,7 @@ def build_model_card(
         widget = [
             {"src": f"{base}/{repo_id}/resolve/main/{path}", "example_title": title} for path, title in widget_images
         ]
-    tags = ["diverse-vit", "vision", "image-classification", "vit" if model_type == "vit" else "deit", *inputs.tags]
+    tags = ["diverse-vit", "vision", "image-classification", model_type.replace("_", "-"), *inputs.tags]
     if is_baseline:
         tags.append("baseline")
     card_data = ModelCardData(

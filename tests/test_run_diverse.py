@@ -107,7 +107,7 @@ def test_non_vit_model_is_rejected_with_a_clear_message(tmp_path):
     resnet = tmp_path / "resnet"
     ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).save_pretrained(resnet)
     module = load_script()
-    with pytest.raises(ValueError, match=r"model_type 'vit' or 'deit'.*'resnet'"):
+    with pytest.raises(ValueError, match=r"'resnet'.*Supported model types: vit, deit, vit_msn, dinov2"):
         module.main(["--model", str(resnet), "--output_dir", str(tmp_path / "out"), *FAST])
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(resnet), "--output_dir", str(tmp_path / "o")],

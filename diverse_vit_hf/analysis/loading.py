@@ -50,8 +50,8 @@ def load_model_for_analysis(name_or_path: str, device: str | torch.device | None
         ) from error
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"{name_or_path!r} has model_type {config.model_type!r}; the redundancy analysis supports ViT and DeiT "
-            "(model_type 'vit' or 'deit'), e.g. facebook/deit-small-patch16-224."
+            f"{name_or_path!r} has model_type {config.model_type!r}; the redundancy analysis supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}, e.g. facebook/deit-small-patch16-224."
         )
     model = load_diverse_model(name_or_path)
     return model.to(resolve_device(device)).eval()

@@ -78,13 +78,21 @@ def input_cosine(
     return (current * first).sum(dim=-1).mean(dim=-1)
 
 
-def attention_probabilities(query: torch.Tensor, key: torch.Tensor, num_heads: int, scaling: float) -> torch.Tensor:
-    """Softmax attention probabilities recomputed from a block's projected queries and keys (no mask, as in ViT).
+def attention_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    num_heads: int,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention probabilities recomputed from a block's projected queries and keys.
 
     Args:
         query, key: `(B, N, H * d)` outputs of `q_proj` / `k_proj`.
         num_heads: H.
         scaling: the block's softmax scale (d ** -0.5).
+        attention_mask: what the block passed to its attention kernel, broadcastable to `(B, H, N, N)`: an additive
+            float mask (BEiT's relative position bias) or a boolean keep-mask; None for plain ViT attention.
 
     Returns:
         `(B, H, N, N)` float32 probabilities, equal to the eager kernel's before dropout.
@@ -94,7 +102,13 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor, num_heads: i
         raise ValueError(f"Projection width {width} is not divisible by the {num_heads} attention heads.")
     q = query.float().view(batch, tokens, num_heads, -1).transpose(1, 2)
     k = key.float().view(batch, key.shape[1], num_heads, -1).transpose(1, 2)
-    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scaling, dim=-1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask.float()
+    return torch.softmax(scores, dim=-1)
 
 
 def flattened_head_maps(attention_probs: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Model access (ViT/DeiT checks, per-block weight statistics) and streaming accumulation over batches with
-forward hooks (`RedundancyProbe`)."""
+"""Model access (supported-family checks, per-block weight statistics) and streaming accumulation over batches
+with forward hooks (`RedundancyProbe`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..families import attention_module, backbone_layers, block_linear
+from ..modeling import SUPPORTED_MODEL_TYPES
 from .metrics import (
     WeightMatrixStats,
     attention_probabilities,
@@ -20,12 +22,9 @@ from .metrics import (
     weight_matrix_stats,
 )
 
-SUPPORTED_MODEL_TYPES = ("vit", "deit")
-# Matrices of one block, in report order, and where each lives inside a ViT/DeiT layer.
+# Matrices of one block, in report order (where each lives: `families.BLOCK_LINEAR_PATHS`).
 WEIGHT_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 QKV_MATRICES = ("q_proj", "k_proj", "v_proj")
-_MATRIX_PARENT = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention",
-                  "fc1": "mlp", "fc2": "mlp"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -34,35 +33,29 @@ _MATRIX_PARENT = {"q_proj": "attention", "k_proj": "attention", "v_proj": "atten
 
 
 def check_supported_model(model: nn.Module) -> nn.Module:
-    """Return the ViT/DeiT backbone (the module holding `embeddings` and `layers`) or raise a clear ValueError."""
+    """Return the backbone (the module holding `embeddings` and the blocks) of a supported family, or raise a clear
+    ValueError naming the supported model types."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"The redundancy analysis supports ViT and DeiT models (config model_type 'vit' or 'deit'), got "
-            f"{model_type!r} ({type(model).__name__}). Pass a ViT/DeiT checkpoint such as "
-            "facebook/deit-small-patch16-224."
+            f"The redundancy analysis supports model types {', '.join(SUPPORTED_MODEL_TYPES)}, got {model_type!r} "
+            f"({type(model).__name__}). Pass such a checkpoint, e.g. facebook/deit-small-patch16-224."
         )
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, model) if prefix else model
-    layers = getattr(backbone, "layers", None)
-    if getattr(backbone, "embeddings", None) is None or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"{type(model).__name__} has no `embeddings` and `layers` (transformers 5.x ViT/DeiT layout); "
-            "cannot analyze it."
-        )
-    for index, layer in enumerate(layers):
-        attention = getattr(layer, "attention", None)
-        if not all(isinstance(getattr(attention, name, None), nn.Linear) for name in ("q_proj", "k_proj")):
-            raise ValueError(f"Block {index + 1} has no attention.q_proj/k_proj linear layers; cannot analyze it.")
+    if getattr(backbone, "embeddings", None) is None:
+        raise ValueError(f"{type(model).__name__} has no `embeddings` module; cannot analyze it.")
+    for index, layer in enumerate(backbone_layers(backbone)):
+        try:
+            block_linear(layer, "q_proj"), block_linear(layer, "k_proj")
+        except ValueError as error:
+            raise ValueError(f"Block {index + 1}: {error} Cannot analyze it.") from error
     return backbone
 
 
 def _linear(layer: nn.Module, name: str) -> nn.Linear:
-    module = getattr(getattr(layer, _MATRIX_PARENT[name], None), name, None)
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"A block has no {_MATRIX_PARENT[name]}.{name} linear layer.")
-    return module
+    return block_linear(layer, name)
 
 
 def check_weight_matrices(names: Sequence[str]) -> tuple[str, ...]:
@@ -76,7 +69,7 @@ def check_weight_matrices(names: Sequence[str]) -> tuple[str, ...]:
 
 def weight_statistics(model: nn.Module, matrices: Sequence[str] = QKV_MATRICES) -> dict[str, list[WeightMatrixStats]]:
     """Per-block `WeightMatrixStats` of the chosen matrices: `{name: [block 1, ..., block L]}`."""
-    layers = check_supported_model(model).layers
+    layers = backbone_layers(check_supported_model(model))
     return {name: [weight_matrix_stats(_linear(layer, name).weight) for layer in layers] for name in
             check_weight_matrices(matrices)}  # fmt: skip
 
@@ -129,26 +122,31 @@ class RedundancyProbe:
         self._query: torch.Tensor | None = None
         self._previous_maps: torch.Tensor | None = None
         self._expected_patches: int | None = None
+        self._mask: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
-        return len(self.backbone.layers)
+        return len(backbone_layers(self.backbone))
 
     def __enter__(self) -> RedundancyProbe:
         self._handles.append(self.backbone.embeddings.register_forward_hook(self._on_embeddings))
-        for index, layer in enumerate(self.backbone.layers, start=1):
+        for index, layer in enumerate(backbone_layers(self.backbone), start=1):
             self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
             if self.attention:
-                attention = layer.attention
-                self._handles.append(attention.q_proj.register_forward_hook(self._query_hook))
-                self._handles.append(attention.k_proj.register_forward_hook(self._key_hook(index, attention)))
+                attention = attention_module(layer)
+                # BEiT's relative position bias reaches the kernel as the additive attention mask: keep it.
+                self._handles.append(attention.register_forward_pre_hook(self._mask_hook, with_kwargs=True))
+                self._handles.append(block_linear(layer, "q_proj").register_forward_hook(self._query_hook))
+                self._handles.append(
+                    block_linear(layer, "k_proj").register_forward_hook(self._key_hook(index, attention))
+                )
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._first = self._query = self._previous_maps = None
+        self._first = self._query = self._previous_maps = self._mask = None
 
     def run(self, model: nn.Module, pixel_values: torch.Tensor) -> None:
         """One batch `(B, C, H, W)` through `model` (already in eval mode, on its device), statistics accumulated."""
@@ -201,6 +199,10 @@ class RedundancyProbe:
 
         return hook
 
+    def _mask_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self._mask = mask.detach() if isinstance(mask, torch.Tensor) else None
+
     def _query_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         self._query = output.detach()
 
@@ -213,7 +215,8 @@ class RedundancyProbe:
                 raise RuntimeError(f"Block {layer}: k_proj ran before q_proj; unexpected attention layout.")
             query, self._query = self._query, None
             scale = scaling if scaling is not None else (query.shape[-1] // num_heads) ** -0.5
-            probs = attention_probabilities(query, output.detach(), num_heads, scale)  # (B, H, N, N)
+            mask, self._mask = self._mask, None
+            probs = attention_probabilities(query, output.detach(), num_heads, scale, mask)  # (B, H, N, N)
             prefix = probs.shape[-1] - self._expected_patches
             maps = flattened_head_maps(probs)
             if num_heads >= 2:
