@@ -6,24 +6,33 @@ import re
 
 from torch import nn
 
-# Parameters AdamW must not decay (DeiT/timm `no_weight_decay`): learned tokens and position embeddings, by the last
-# component of their name. Biases and norm weights are matched separately.
-NO_DECAY_PARAMETER_NAMES = ("cls_token", "distillation_token", "mask_token", "position_embeddings", "pos_embed")
+# Parameters AdamW must not decay (timm's `no_weight_decay` of ViT, DeiT, BEiT and DINOv2): learned tokens, position
+# embeddings and BEiT's relative position bias tables, by the last component of their name. Biases, norm weights and
+# every other 1-D parameter (layer scales) are matched separately, as timm's `param_groups_weight_decay` does.
+NO_DECAY_PARAMETER_NAMES = (
+    "cls_token",
+    "distillation_token",
+    "mask_token",
+    "register_tokens",
+    "position_embeddings",
+    "pos_embed",
+    "relative_position_bias_table",
+)
 _NO_DECAY_PATTERN = re.compile(r"(?:^|\.)(?:" + "|".join(NO_DECAY_PARAMETER_NAMES) + r")$")
 
 
 def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters DeiT/timm exclude from weight decay: every bias, every parameter of a module whose
-    class name contains "Norm" (LayerNorm, RMSNorm, ...), the position embeddings and the CLS / distillation / mask
-    tokens."""
+    """Names of the parameters DeiT/timm exclude from weight decay: every bias and every other 1-D parameter (layer
+    scales), every parameter of a module whose class name contains "Norm" (LayerNorm, RMSNorm, ...), the position
+    embeddings and relative position bias tables, and the CLS / distillation / mask / register tokens."""
     excluded = set()
     for module_name, module in model.named_modules():
         if "norm" in type(module).__name__.lower():
             excluded.update(
                 f"{module_name}.{name}" if module_name else name for name, _ in module.named_parameters(recurse=False)
             )
-    for name, _ in model.named_parameters():
-        if name.endswith("bias") or _NO_DECAY_PATTERN.search(name):
+    for name, parameter in model.named_parameters():
+        if name.endswith("bias") or parameter.ndim <= 1 or _NO_DECAY_PATTERN.search(name):
             excluded.add(name)
     return excluded
 

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 from datasets import Dataset
-from transformers import ViTConfig
+from transformers import AutoConfig, PretrainedConfig, ViTConfig
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
 from diverse_vit_hf.data import collate_image_batch
@@ -54,6 +54,29 @@ def tiny_config(**overrides) -> ViTConfig:
     )
     values.update(overrides)
     return ViTConfig(**values)
+
+
+# Per-family settings on top of tiny_config's sizes: the features that make each family different are switched on
+# (layer scale, registers, relative position bias, mean pooling), so the tests exercise them.
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "vit": {},
+    "deit": {},
+    "vit_msn": {},
+    "dinov2": {"mlp_ratio": 2, "layerscale_value": 0.5},
+    "dinov2_with_registers": {"mlp_ratio": 2, "layerscale_value": 0.5, "num_register_tokens": 2},
+    "beit": {"use_relative_position_bias": True, "use_mean_pooling": True, "layer_scale_init_value": 0.1},
+    "ijepa": {},
+}
+
+
+def tiny_family_config(model_type: str, **overrides) -> PretrainedConfig:
+    """tiny_config's sizes for any supported `model_type`, with the family's distinguishing features on."""
+    values = tiny_config().to_dict()
+    values = {k: values[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                     "image_size", "patch_size", "hidden_dropout_prob",
+                                     "attention_probs_dropout_prob")}  # fmt: skip
+    values |= {"num_labels": NUM_LABELS} | FAMILY_OVERRIDES[model_type] | overrides
+    return AutoConfig.for_model(model_type, **values)
 
 
 def make_args(output_dir: str | Path, **overrides) -> DiverseTrainingArguments:
