@@ -37,7 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["WeightRegularizerNotSupportedError", "check_weight_regularizer_supported", "sharded_parameter_reason"]
+__all__ = [
+    "WeightRegularizerNotSupportedError",
+    "broadcast_start_vectors",
+    "check_weight_regularizer_supported",
+    "full_weight",
+    "has_dtensor_parameters",
+    "sharded_parameter_reason",
+]
 
 
 class WeightRegularizerNotSupportedError(ValueError):
@@ -46,13 +53,14 @@ class WeightRegularizerNotSupportedError(ValueError):
 
 _OPTIONS = (
     "The weight-level regularizer (--weight_condition_coef > 0) reads the full Q, K and V matrices of every block "
-    "outside the forward pass, where a sharding set-up leaves each process only its shard, so the loss would be "
-    "computed on the wrong matrices. Choose one of: (1) plain data parallelism: "
-    "`accelerate launch --config_file examples/recipes/accelerate/ddp_8gpu.yaml` (or torchrun); (2) DeepSpeed "
-    "ZeRO-1/2 (examples/recipes/accelerate/deepspeed_zero2_8gpu.yaml), which shards the optimizer state and the "
-    "gradients but keeps full parameters on every GPU; (3) keep FSDP / ZeRO-3 and pass --weight_condition_coef 0 "
-    "(the patch and attention terms still work). A ViT-S/B fits on one GPU, so (1) or (2) lose nothing. See "
-    "diverse_vit_hf/distributed.py and examples/recipes/README.md."
+    "outside the forward pass, where FSDP1 and ZeRO-3 leave each process only a flattened or empty shard, so the loss "
+    "would be computed on the wrong matrices. Choose one of: (1) FSDP2 (`fsdp_version: 2`, "
+    "examples/recipes/accelerate/fsdp_8gpu.yaml), where the term all-gathers the full matrices; (2) plain data "
+    "parallelism: `accelerate launch --config_file examples/recipes/accelerate/ddp_8gpu.yaml` (or torchrun); (3) "
+    "DeepSpeed ZeRO-1/2 (examples/recipes/accelerate/deepspeed_zero2_8gpu.yaml), which shards the optimizer state "
+    "and the gradients but keeps full parameters on every GPU; (4) keep FSDP1 / ZeRO-3 and pass "
+    "--weight_condition_coef 0 (the patch and attention terms still work). See diverse_vit_hf/distributed.py and "
+    "examples/recipes/README.md."
 )
 
 
@@ -62,6 +70,28 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     except ImportError:  # torch built without distributed support
         return False
     return isinstance(tensor, DTensor)
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The full matrix of a parameter: an FSDP2 `DTensor` shard is all-gathered differentiably (`full_tensor()`:
+    its backward hands each rank the gradient rows of its own shard, with no further communication); any other
+    tensor is returned as it is."""
+    return weight.full_tensor() if _is_dtensor(weight) else weight
+
+
+def has_dtensor_parameters(model: nn.Module) -> bool:
+    """Whether `model` holds FSDP2 (`fully_shard`) `DTensor` parameters."""
+    return any(_is_dtensor(parameter) for parameter in model.parameters())
+
+
+def broadcast_start_vectors(shape: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two `(M, D)` uniform random starting vectors for the power estimator, drawn on rank 0 (from its per-rank
+    seeded RNG) and broadcast, so every rank of a sharded run estimates the same eigenvalues. Without an initialised
+    process group they are simply drawn here."""
+    vectors = torch.rand((2, *shape), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(vectors, src=0)
+    return vectors[0], vectors[1]
 
 
 def _fsdp_module_types() -> tuple[type, ...]:
@@ -126,20 +156,43 @@ def _accelerator_reason(accelerator: Any) -> str | None:
     return None
 
 
+def _unsupported_reason(model: nn.Module, accelerator: Any | None) -> str | None:
+    """`sharded_parameter_reason` / the Accelerate set-up, minus what the weight term now supports (FSDP2)."""
+    if accelerator is not None:
+        state = getattr(accelerator, "state", None)
+        fsdp_plugin = getattr(state, "fsdp_plugin", None)
+        if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) == 2:
+            accelerator = None  # FSDP2 is coming: supported; the model itself is still checked below
+    reason = _accelerator_reason(accelerator) if accelerator is not None else None
+    if reason is not None:
+        return reason
+    fsdp_types = _fsdp_module_types()
+    for name, module in model.named_modules():
+        if fsdp_types and type(module).__name__ == "FullyShardedDataParallel" and isinstance(module, fsdp_types):
+            return f"module {name or '<root>'!r} is wrapped by FSDP1"
+    for name, parameter in model.named_parameters():
+        if type(parameter).__name__ == "FlatParameter" or getattr(parameter, "_is_flat_param", False):
+            return f"parameter {name!r} is an FSDP1 FlatParameter"
+        if hasattr(parameter, "ds_id"):
+            return f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3"
+    return None
+
+
 def check_weight_regularizer_supported(
     model: nn.Module, weight_condition_coef: float, accelerator: Any | None = None
 ) -> None:
     """Raise `WeightRegularizerNotSupportedError` (a `ValueError`) when `weight_condition_coef > 0` and the
-    parameters are, or will be, sharded (FSDP1, FSDP2, DeepSpeed ZeRO-3). Does nothing otherwise.
+    parameters are, or will be, sharded in a way the weight term cannot read (FSDP1, DeepSpeed ZeRO-3). FSDP2
+    (`fully_shard`, `fsdp_version: 2`) is supported: `full_weight` all-gathers each Q/K/V shard differentiably and
+    the power estimator starts from vectors broadcast from rank 0. Does nothing otherwise.
 
     Call it once before training with the (not yet wrapped) model and the Trainer's `accelerator`: the Trainer wraps
-    the model only when training starts, so the Accelerate state is what tells that FSDP/ZeRO-3 is coming. A model
-    that was sharded by hand (`fully_shard`, `FullyShardedDataParallel`) is recognised from its modules/parameters.
+    the model only when training starts, so the Accelerate state is what tells that FSDP1/ZeRO-3 is coming. A model
+    that was sharded by hand (`FullyShardedDataParallel`, ZeRO-3) is recognised from its modules/parameters.
     """
     if not weight_condition_coef > 0:
         return
-    reason = _accelerator_reason(accelerator) if accelerator is not None else None
-    reason = reason or sharded_parameter_reason(model)
+    reason = _unsupported_reason(model, accelerator)
     if reason is not None:
         raise WeightRegularizerNotSupportedError(
             f"--weight_condition_coef {weight_condition_coef} cannot be used with sharded parameters: {reason}. "

@@ -38,6 +38,7 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from .distributed import full_weight
 from .families import attention_module, backbone_layers, block_linear, final_norm
 from .fileio import atomic_write_text
 from .mixing import check_patch_grid
@@ -182,14 +183,15 @@ class DiverseModelMixin:
         return backbone_layers(self.backbone)
 
     def attention_projection_weights(self) -> torch.Tensor:
-        """The query, key and value weights of every block, stacked for one batched call.
+        """The query, key and value weights of every block, stacked for one batched call. Under FSDP2 each shard is
+        all-gathered differentiably first (`distributed.full_weight`), so the result is always the full matrices.
 
         Returns:
             `(3 * L, D_attn, D)` in block order `[Q_1, K_1, V_1, Q_2, ...]`.
         """
         return torch.stack(
             [
-                block_linear(layer, name).weight
+                full_weight(block_linear(layer, name).weight)
                 for layer in self.diversity_layers
                 for name in ("q_proj", "k_proj", "v_proj")
             ]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .configuration import DiversityConfig
+from .distributed import broadcast_start_vectors, has_dtensor_parameters
 from .mixing import PatchMixupCutmix, check_patch_grid, smoothed_one_hot
 from .modeling import DiverseImageClassifierOutput, DiverseModelMixin
 from .regularizers import (
@@ -81,11 +82,18 @@ def _attention_cosine(x: TermInputs) -> torch.Tensor:
 
 
 def _weight_condition(x: TermInputs) -> torch.Tensor:
+    weights = x.model.attention_projection_weights()  # full matrices, all-gathered under FSDP2
+    start_vectors = None
+    needs_start = x.power_state is None or x.power_state.max_vectors is None
+    if x.config.weight_estimator == "power" and needs_start and has_dtensor_parameters(x.model):
+        # Every rank must estimate from the same start, or each shard would get another estimate's gradient.
+        start_vectors = broadcast_start_vectors(tuple(weights.shape[:2]), weights.device)
     return weight_condition_loss(
-        x.model.attention_projection_weights(),
+        weights,
         estimator=x.config.weight_estimator,
         num_iterations=x.config.power_iterations,
         state=x.power_state,
+        start_vectors=start_vectors,
     )
 
 

@@ -230,6 +230,7 @@ def weight_condition_loss(
     num_iterations: int = 1,
     state: PowerIterationState | None = None,
     generator: torch.Generator | None = None,
+    start_vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Condition-number orthogonality loss (method 3): `sum_W (lambda_max(W W^T) - lambda_min(W W^T))^2`.
 
@@ -251,6 +252,9 @@ def weight_condition_loss(
         num_iterations: power-iteration steps per call (>= 1).
         state: persistent vectors for `estimator="power"`; None reproduces the released behaviour.
         generator: random generator for the starting vectors (on `weight.device`); None uses the global one.
+        start_vectors: `(x, y)`, each `(M, D_out)`, the starting vectors to use instead of drawing them (for the
+            top and the bottom eigenvector; with `state`, only where the state is still empty). Sharded training
+            passes vectors broadcast from rank 0, so every rank computes the same estimate.
 
     Returns:
         Float32 scalar.
@@ -276,20 +280,29 @@ def weight_condition_loss(
             return (lam_max - lam_min).pow(2).sum()
 
         gram = _ShiftedGram(w)  # M = W W^T, applied matrix-free
+        expected = (num_matrices, d_out)
+        if start_vectors is not None and any(tuple(v.shape) != expected for v in start_vectors):
+            raise ValueError(
+                f"`start_vectors` must be two {expected} tensors, got {[tuple(v.shape) for v in start_vectors]}."
+            )
+
+        def start(index: int) -> torch.Tensor:
+            if start_vectors is not None:
+                return start_vectors[index].to(device=w.device, dtype=w.dtype)
+            return torch.rand(expected, device=w.device, generator=generator)
+
         if state is None:
-            x = torch.rand(num_matrices, d_out, device=w.device, generator=generator)
+            x = start(0)
             lam_max = gram.rayleigh(gram.power_steps(x, num_iterations))
             shifted = _ShiftedGram(w, shift=lam_max)
-            y = torch.rand(num_matrices, d_out, device=w.device, generator=generator)
+            y = start(1)
             lam_min = shifted.rayleigh(shifted.power_steps(y, num_iterations)) + lam_max
             return (lam_max - lam_min).pow(2).sum()
 
-        expected = (num_matrices, d_out)
-        for name in ("max_vectors", "min_vectors"):
+        for index, name in enumerate(("max_vectors", "min_vectors")):
             stored = getattr(state, name)
             if stored is None:
-                start = torch.rand(expected, device=w.device, generator=generator)
-                setattr(state, name, unit_vectors(start))
+                setattr(state, name, unit_vectors(start(index)))
             elif tuple(stored.shape) != expected:
                 raise ValueError(
                     f"The PowerIterationState holds {name} of shape {tuple(stored.shape)} but the weights need "

@@ -262,18 +262,18 @@ def _state(**kwargs) -> SimpleNamespace:
     return SimpleNamespace(state=SimpleNamespace(**{"fsdp_plugin": None, "deepspeed_plugin": None, **kwargs}))
 
 
-def test_plain_model_ddp_and_zero2_are_supported():
+def test_plain_model_ddp_zero2_and_fsdp2_are_supported():
     model = DiverseViTForImageClassification(_tiny_config())
     assert sharded_parameter_reason(model) is None
     check_weight_regularizer_supported(model, 5e-4)
     check_weight_regularizer_supported(model, 5e-4, _state())  # single process / DDP
     check_weight_regularizer_supported(model, 5e-4, _state(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    check_weight_regularizer_supported(model, 5e-4, _state(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
 
 
 @pytest.mark.parametrize(
     ("state", "needle"),
     [
-        ({"fsdp_plugin": SimpleNamespace(fsdp_version=2)}, "FSDP (fsdp_version 2)"),
         ({"fsdp_plugin": SimpleNamespace(fsdp_version=1)}, "FSDP (fsdp_version 1)"),
         ({"distributed_type": DistributedType.FSDP}, "set up for FSDP"),
         ({"deepspeed_plugin": SimpleNamespace(zero_stage=3)}, "ZeRO stage 3"),
@@ -298,8 +298,9 @@ def test_zero3_partitioned_parameter_is_detected():
         check_weight_regularizer_supported(model, 5e-4)
 
 
-def test_real_fsdp2_sharded_model_is_refused(tmp_path):
-    """Real FSDP2 (`fully_shard`) on CPU with a 1-process gloo group: the projection weights become DTensors."""
+def test_real_fsdp2_sharded_model_gives_the_weight_term_full_matrices(tmp_path):
+    """Real FSDP2 (`fully_shard`) on CPU with a 1-process gloo group: the projection weights become DTensors, and
+    `attention_projection_weights` gathers them into the full (plain tensor) matrices the unsharded model has."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -311,17 +312,17 @@ def test_real_fsdp2_sharded_model_is_refused(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
+        torch.manual_seed(0)
         model = DiverseViTForImageClassification(_tiny_config())
+        expected = model.attention_projection_weights().detach().clone()
         for layer in model.backbone.layers:
             fully_shard(layer)
         fully_shard(model)
-        weights = model.attention_projection_weights()  # what DiverseTrainer.compute_loss reads, outside the forward
-        assert isinstance(weights, DTensor), type(weights)
+        assert isinstance(model.backbone.layers[0].attention.q_proj.weight, DTensor)
         assert "FSDP2" in sharded_parameter_reason(model)
-        with pytest.raises(WeightRegularizerNotSupportedError, match="cannot be used with sharded parameters"):
-            check_weight_regularizer_supported(model, 5e-4)
-        check_weight_regularizer_supported(model, 0.0)
-        # The DTensor check alone also catches it (e.g. a model whose wrapper is not visible).
-        assert any(isinstance(p, DTensor) for p in model.parameters())
+        weights = model.attention_projection_weights()  # what the weight term reads, outside the forward
+        assert not isinstance(weights, DTensor) and weights.requires_grad
+        torch.testing.assert_close(weights.detach(), expected)
+        check_weight_regularizer_supported(model, 5e-4)
     finally:
         dist.destroy_process_group()
