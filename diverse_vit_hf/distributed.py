@@ -1,33 +1,29 @@
-"""Which distributed set-ups the weight-level regularizer (condition-number loss on Q, K, V) supports.
+"""Which distributed set-ups the weight-level regularizer (condition-number loss on Q, K, V) supports, and how it
+reads the matrices under FSDP2.
 
 `DiverseTrainer.compute_loss` reads `model.attention_projection_weights()` *after* the forward pass, outside any
-FSDP/ZeRO-3 hook. Under a set-up that shards parameters, the weights it reads there are not the matrices the
-model uses:
+FSDP/ZeRO-3 hook. What each set-up leaves there:
 
-- **FSDP1** (`FullyShardedDataParallel`, `fsdp_version: 1`). Outside the forward, each rank holds a 1/N slice
-  of a flattened `FlatParameter` per wrapped unit. With `use_orig_params=True`, `q_proj.weight` is then a view
-  of this rank's slice (flattened, or empty on the ranks that hold none of it); with `use_orig_params=False` it
-  is not a registered parameter any more and no full copy exists. The loss would be computed on the wrong
-  matrices, or fail with a shape error. (Not reproducible on this project's CPU machines: FSDP1 refuses to start
-  without an accelerator, "FSDP needs a non-CPU accelerator device".)
-- **FSDP2** (`fully_shard`, `fsdp_version: 2`). Outside the forward, `q_proj.weight` is a `DTensor` sharded on
-  dim 0. Measured here (torch 2.14.1, two gloo CPU processes): the *exact* estimator on these DTensors gives
-  the full-matrix value and gradient (DTensor gathers implicitly, once per step, outside FSDP's prefetching),
-  but the loss is then a DTensor, and the released *power* estimator (the default) fails with `aten.bmm.default
-  got mixed torch.Tensor and DTensor`. The trainer's logging and non-finite guard stack plain tensors, and
-  how the regularizer's gradient, written straight into the sharded `.grad`, combines with FSDP2's own
-  reduce-scatter inside the Trainer loop has not been verified.
-- **DeepSpeed ZeRO-3** partitions the parameters too: outside the forward each rank holds an empty placeholder
-  (`param.ds_tensor` holds its partition).
+- **DDP, one device, DeepSpeed ZeRO-1/2**: every rank holds every full parameter (ZeRO-1/2 shard only the
+  optimizer state and the gradients; DeepSpeed: "ZeRO Stage 3: the 16-bit model parameters are partitioned").
+- **FSDP2** (`fully_shard`, `fsdp_version: 2`): `q_proj.weight` is a `DTensor` sharded on dim 0. `full_weight`
+  all-gathers it with `full_tensor()`, which is differentiable: its backward hands each rank the rows of its own
+  shard, with no further communication, and autograd adds them to the sharded `.grad` that FSDP2's own
+  reduce-scatter also accumulates into. Every rank computes the same loss on the same full matrices, provided the
+  power estimator starts from the same vectors: `broadcast_start_vectors` draws them on rank 0 (per-rank seeds
+  differ). The persistent state then evolves identically on every rank. Cost: one all-gather per matrix per step,
+  about 12% of FSDP2's own parameter gathers for DeiT-S and ViT-L (`benchmarks/fsdp2_weight_gather.py`).
+  Tested with two gloo processes against one unsharded process (tests/test_distributed_sharding.py).
+- **FSDP1** (`FullyShardedDataParallel`): each rank holds a slice of a flattened `FlatParameter` per unit; with
+  `use_orig_params=True` `q_proj.weight` is a view of that slice (flattened, or empty on most ranks), otherwise it
+  is not a registered parameter any more. No full copy exists to gather differentiably. (FSDP1 also refuses to
+  start without an accelerator: "FSDP needs a non-CPU accelerator device".)
+- **DeepSpeed ZeRO-3**: each rank holds an empty placeholder (`param.ds_tensor` holds its partition); gathering
+  it (`deepspeed.zero.GatheredParameters`) is not differentiable.
 
-**Supported, and what the recipes use:** DDP (`MULTI_GPU`, `MULTI_CPU`), a single device, and DeepSpeed ZeRO-1/2.
-ZeRO-1 shards the optimizer state, ZeRO-2 also shards the gradients, but both keep a full copy of every
-parameter on every rank (DeepSpeed: "ZeRO Stage 3: the 16-bit model parameters are partitioned";
-stages 1 and 2 do not partition them). The regularizer therefore sees the true Q, K, V there.
-
-`check_weight_regularizer_supported` refuses the sharded set-ups, before training starts and with a message saying
-what to do, instead of training on wrong numbers. FSDP and ZeRO-3 remain usable with `--weight_condition_coef 0`
-(the other Diverse-ViT terms only read activations, which are full tensors on every rank).
+`check_weight_regularizer_supported` refuses FSDP1 and ZeRO-3 before training starts, with a message saying what to
+do, instead of training on wrong numbers. They remain usable with `--weight_condition_coef 0` (the other terms
+only read activations, which are full tensors on every rank).
 """
 
 from __future__ import annotations

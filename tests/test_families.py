@@ -126,6 +126,18 @@ def test_per_token_logits_follow_the_documented_definition(model_type):
             torch.testing.assert_close(out.token_logits[:, 0], out.logits)
 
 
+def test_beit_with_cls_pooling_reads_the_cls_token(tmp_path):
+    model = build("beit", use_mean_pooling=False)
+    x = images()
+    with torch.no_grad():
+        out = model(pixel_values=x, return_diversity_outputs=True)
+        reference = stock_eager(model, tmp_path)(pixel_values=x)
+        final = _final_tokens(model, x)
+    torch.testing.assert_close(out.logits, reference.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.token_logits, model.classifier(final), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.logits, out.token_logits[:, 0])
+
+
 def test_patch_mixing_loss_with_image_logits_is_the_mean_cross_entropy():
     torch.manual_seed(0)
     token_logits, image_logits = torch.randn(2, 5, 3), torch.randn(2, 3)

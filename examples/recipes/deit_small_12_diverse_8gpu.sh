@@ -27,8 +27,8 @@
 # Environment overrides (defaults in brackets):
 #   NUM_GPUS [8], PER_DEVICE_BATCH [128], GRAD_ACCUM [1]: keep NUM_GPUS x PER_DEVICE_BATCH x GRAD_ACCUM = 1024 to
 #     follow the paper (e.g. 4 GPUs: GRAD_ACCUM=2); --scale_lr adapts the learning rate to any global batch.
-#   ACCELERATE_CONFIG [examples/recipes/accelerate/ddp_8gpu.yaml]: deepspeed_zero2_8gpu.yaml also supports every
-#     term; fsdp_8gpu.yaml only with --weight_condition_coef 0 (see examples/recipes/README.md).
+#   ACCELERATE_CONFIG [examples/recipes/accelerate/ddp_8gpu.yaml]: deepspeed_zero2_8gpu.yaml and fsdp_8gpu.yaml (FSDP2)
+#     also support every term (see examples/recipes/README.md).
 #   OUTPUT_DIR [outputs/deit-small-12-diverse-imagenet]
 # Extra arguments are passed on to run_diverse.py, e.g. `--resume_from_checkpoint last` to continue after a stop.
 set -euo pipefail
