@@ -18,8 +18,9 @@ class ModelArguments:
     model: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id or local folder of a ViT/DeiT checkpoint to fine-tune (e.g. "
-            "facebook/deit-small-patch16-224). Default: train a small ViT from scratch (sizes below)."
+            "help": "Hub id or local folder of a checkpoint to fine-tune, of a supported model_type (vit, deit, "
+            "dinov2, dinov2_with_registers, beit, vit_msn, ijepa; e.g. facebook/deit-small-patch16-224). Default: "
+            "train a small ViT from scratch (sizes below)."
         },
     )
     model_config_name: str | None = field(

@@ -403,9 +403,9 @@ def resnet_folder(tmp_path):
     return folder
 
 
-def test_non_vit_models_are_rejected(tmp_path, capsys):
+def test_unsupported_model_types_are_rejected(tmp_path, capsys):
     resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
-    with pytest.raises(ValueError, match=r"model_type 'vit' or 'deit'.*'resnet'"):
+    with pytest.raises(ValueError, match=r"supports model types vit, deit, vit_msn, dinov2.*'resnet'"):
         analyze_model(resnet, [torch.randn(1, 3, 32, 32)], progress=False)
     folder = resnet_folder(tmp_path)
     with pytest.raises(ValueError, match="'resnet'"):

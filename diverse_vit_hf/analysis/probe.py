@@ -123,6 +123,7 @@ class RedundancyProbe:
         self._previous_maps: torch.Tensor | None = None
         self._expected_patches: int | None = None
         self._mask: torch.Tensor | None = None
+        self._key: tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], None]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -146,7 +147,7 @@ class RedundancyProbe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._first = self._query = self._previous_maps = self._mask = None
+        self._first = self._query = self._previous_maps = self._mask = self._key = None
 
     def run(self, model: nn.Module, pixel_values: torch.Tensor) -> None:
         """One batch `(B, C, H, W)` through `model` (already in eval mode, on its device), statistics accumulated."""
@@ -164,7 +165,7 @@ class RedundancyProbe:
             with torch.no_grad():
                 model(pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype))
         finally:
-            self._first = self._query = self._previous_maps = None
+            self._first = self._query = self._previous_maps = self._key = None
         self.num_images += pixel_values.shape[0]
 
     # -- hooks -------------------------------------------------------------------------------------------------
@@ -204,19 +205,22 @@ class RedundancyProbe:
         self._mask = mask.detach() if isinstance(mask, torch.Tensor) else None
 
     def _query_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        self._query = output.detach()
+        if self._key is not None:
+            (key, reduce), self._key = self._key, None
+            reduce(output.detach(), key)
+        else:
+            self._query = output.detach()
 
     def _key_hook(self, layer: int, attention: nn.Module) -> Callable[..., None]:
+        """The hook on `k_proj` of block `layer`; the block's map is reduced once both its queries and keys exist
+        (transformers' older layout computes the keys first, the newer one the queries)."""
         num_heads = getattr(attention, "num_attention_heads", self.config.num_attention_heads)
         scaling = getattr(attention, "scaling", None)
 
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            if self._query is None:
-                raise RuntimeError(f"Block {layer}: k_proj ran before q_proj; unexpected attention layout.")
-            query, self._query = self._query, None
+        def reduce(query: torch.Tensor, key: torch.Tensor) -> None:
             scale = scaling if scaling is not None else (query.shape[-1] // num_heads) ** -0.5
             mask, self._mask = self._mask, None
-            probs = attention_probabilities(query, output.detach(), num_heads, scale, mask)  # (B, H, N, N)
+            probs = attention_probabilities(query, key, num_heads, scale, mask)  # (B, H, N, N)
             prefix = probs.shape[-1] - self._expected_patches
             maps = flattened_head_maps(probs)
             if num_heads >= 2:
@@ -227,4 +231,11 @@ class RedundancyProbe:
             del probs
             self._previous_maps = maps  # the only map kept: block l + 1 compares against it
 
-        return hook
+        def on_key(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if self._query is not None:
+                query, self._query = self._query, None
+                reduce(query, output.detach())
+            else:
+                self._key = (output.detach(), reduce)
+
+        return on_key
