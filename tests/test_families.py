@@ -277,6 +277,23 @@ def test_analysis_reads_every_family_and_recomputes_the_kernels_maps(model_type,
     assert set(stats) == {"q_proj", "k_proj", "v_proj"} and all(len(v) == 2 for v in stats.values())
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_the_analyze_command_reports_every_level_for_every_family(model_type, tmp_path):
+    from transformers import ViTImageProcessor
+
+    from diverse_vit_hf.cli import main as cli_main
+
+    folder = tmp_path / "model"
+    build(model_type).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    argv = ["analyze", "--model", str(folder), "--dataset", "digits", "--num_images", "8", "--output_dir",
+            str(tmp_path / "report")]  # fmt: skip
+    assert cli_main(argv) == 0
+    summary = json.loads((tmp_path / "report" / "redundancy.json").read_text())["models"][0]["summary"]
+    for key in ("patch_cos_last", "attn_cos_block1", "qkv_cond_mean"):
+        assert summary[key] is not None and summary[key] == summary[key], key  # present and not NaN
+
+
 def test_eager_kernel_adds_an_additive_mask():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)
