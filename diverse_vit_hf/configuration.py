@@ -165,6 +165,12 @@ class DiversityConfig:
         """True when the objective reduces exactly to the stock classifier loss."""
         return not (self.regularizers_enabled or self.mixing_enabled or self.patch_mixing_loss)
 
+    @property
+    def is_paper_baseline(self) -> bool:
+        """True for the paper's baseline: the DeiT recipe (Mixup/CutMix may be on) with no diversity term and the
+        CLS-token loss, i.e. Diverse-ViT with only its own additions removed."""
+        return not (self.regularizers_enabled or self.patch_mixing_loss)
+
     def diversity_dict(self) -> dict[str, Any]:
         """The method's options only (no training arguments), e.g. for a model card."""
         return {f.name: getattr(self, f.name) for f in fields(DiversityConfig)}

@@ -226,7 +226,7 @@ def build_model_card(
     labels = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
     labels_text = ", ".join(f"`{label}`" for label in labels[:20]) + (" ..." if len(labels) > 20 else "")
     model_name = inputs.model_name or (repo_id.split("/")[-1] if repo_id else "Diverse-ViT model")
-    is_baseline = diversity is not None and diversity.is_plain_baseline
+    is_baseline = diversity is not None and diversity.is_paper_baseline
     dataset_label = inputs.dataset_name or inputs.dataset_id or "an image classification dataset"
 
     eval_rows, model_index = [], []
@@ -273,7 +273,7 @@ def build_model_card(
     if inputs.summary:
         summary = inputs.summary
     elif is_baseline:
-        summary = (f"A {architecture} image classifier trained on {dataset_label} with the plain DeiT/ViT objective: "
+        summary = (f"A {architecture} image classifier trained on {dataset_label} without the Diverse-ViT terms: "
                    f"the baseline of a [Diverse-ViT]({PAPER_URL}) comparison.")  # fmt: skip
     else:
         summary = (f"A {architecture} image classifier trained on {dataset_label} with the [Diverse-ViT]({PAPER_URL}) "
@@ -307,6 +307,7 @@ def build_model_card(
         base_model_text=base_model_text,
         dataset_description=inputs.dataset_description or f"Trained on {dataset_label}.",
         is_baseline=is_baseline,
+        baseline_mixing=bool(diversity and diversity.mixing_enabled),
         patch_mixing_loss=bool(diversity and diversity.patch_mixing_loss),
         diversity_rows=[(k, _format_value(v)) for k, v in diversity.diversity_dict().items()]
         if diversity is not None

@@ -120,6 +120,20 @@ def register_block1_eager_attention(base_implementation: str) -> str:
     return name
 
 
+def _sink_output(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook: append the module's output to its `_diverse_sink`, when a diversity forward has set one."""
+    sink = getattr(module, "_diverse_sink", None)
+    if sink is not None:
+        sink.append(output[0] if isinstance(output, tuple) else output)
+
+
+def _sink_input(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: append the module's first input to its `_diverse_sink`, when one is set."""
+    sink = getattr(module, "_diverse_sink", None)
+    if sink is not None:
+        sink.append(args[0])
+
+
 def _stock_class_name(model: nn.Module) -> str:
     for cls in type(model).__mro__:
         if cls.__module__.startswith("transformers."):
@@ -216,11 +230,22 @@ class DiverseModelMixin:
         return rates
 
     def install_block1_attention_capture(self) -> None:
-        """Make block 1 run eager attention (for its probabilities) and every other block the current kernel."""
+        """Make block 1 run eager attention (for its probabilities) and every other block the current kernel, and
+        hook the embeddings (`h^0`) and the final norm's input (`h^L`). Done once (the trainer calls it before any
+        compilation): the hooks only write into a sink while a diversity forward has set one, so a compiled
+        forward traces them without graph breaks."""
         implementation = self.config._attn_implementation or "sdpa"
         if not implementation.startswith(BLOCK1_EAGER_PREFIX):
             self.set_attn_implementation(register_block1_eager_attention(implementation))
         attention_module(self.diversity_layers[0])._diverse_capture_probs = True
+        backbone = self.backbone
+        if not getattr(backbone.embeddings, "_diverse_hooked", False):
+            backbone.embeddings.register_forward_hook(_sink_output)
+            backbone.embeddings._diverse_hooked = True
+        norm = final_norm(backbone)
+        if not getattr(norm, "_diverse_hooked", False):
+            norm.register_forward_pre_hook(_sink_input)
+            norm._diverse_hooked = True
 
     def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None) -> None:
         """Raise a clear `ValueError` for images this model cannot take."""
@@ -305,22 +330,13 @@ class DiverseModelMixin:
         # Reentrant activation checkpointing runs the forward under no_grad, which would detach the captured
         # probabilities (the recompute cannot hand them back): block 1 is never checkpointed, the rest may be.
         layers[0].gradient_checkpointing = False
-        captured: dict[str, torch.Tensor] = {}
         sink: list[torch.Tensor] = []
-        first_attention = attention_module(layers[0])
+        first: list[torch.Tensor] = []
+        last: list[torch.Tensor] = []  # the final norm's input, h^L: outside any checkpointed block, so in the graph
+        first_attention, norm = attention_module(layers[0]), final_norm(backbone)
         first_attention._diverse_probs_sink = sink
-
-        def on_embeddings(module: nn.Module, args: Any, output: Any) -> None:
-            captured["first"] = output[0] if isinstance(output, tuple) else output
-
-        def before_final_norm(module: nn.Module, args: Any) -> None:
-            # The final norm's input is h^L; it runs outside any checkpointed block, so it keeps its graph.
-            captured["last"] = args[0]
-
-        handles = [
-            backbone.embeddings.register_forward_hook(on_embeddings),
-            final_norm(backbone).register_forward_pre_hook(before_final_norm),
-        ]
+        backbone.embeddings._diverse_sink = first
+        norm._diverse_sink = last
         projection = backbone.embeddings.patch_embeddings.projection
         try:
             outputs = backbone(
@@ -328,12 +344,13 @@ class DiverseModelMixin:
             )
         finally:
             first_attention._diverse_probs_sink = None
-            for handle in handles:
-                handle.remove()
-        if len(sink) != 1 or set(captured) != {"first", "last"}:
+            backbone.embeddings._diverse_sink = None
+            norm._diverse_sink = None
+        if len(sink) != 1 or len(first) != 1 or len(last) != 1:
             raise RuntimeError(
-                f"{type(self).__name__}: the regularizers' inputs were not all captured (block-1 probabilities: "
-                f"{len(sink)}, tensors: {sorted(captured)}); this transformers version lays the model out differently."
+                f"{type(self).__name__}: the regularizers' inputs were not all captured once (block-1 "
+                f"probabilities {len(sink)}, h^0 {len(first)}, h^L {len(last)}); this transformers version lays the "
+                "model out differently."
             )
         logits, token_logits = self.token_head(outputs.last_hidden_state)
         loss = None
@@ -342,8 +359,8 @@ class DiverseModelMixin:
         return DiverseImageClassifierOutput(
             loss=loss,
             logits=logits,
-            first_hidden_state=captured["first"],
-            last_block_hidden_state=captured["last"],
+            first_hidden_state=first[0],
+            last_block_hidden_state=last[0],
             first_block_attention_probs=sink[0],
             token_logits=token_logits,
         )

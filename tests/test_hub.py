@@ -164,8 +164,15 @@ def test_base_model_and_baseline_cards(tmp_path):
     assert validate_card_offline(card).data.base_model == "facebook/deit-tiny-patch16-224"
     folder = make_model_folder(tmp_path / "baseline", config, baseline=True)
     loaded = ModelCard.load(folder / "README.md")
-    assert "baseline" in loaded.data.tags and "plain DeiT/ViT objective" in loaded.text
-    with pytest.raises(ValueError, match="model_type 'vit' or 'deit'"):
+    assert "baseline" in loaded.data.tags and "without the Diverse-ViT terms" in loaded.text
+    assert "batch mixing off" in loaded.text  # this fixture's baseline switches mixing off too
+    # The paper's baseline keeps the DeiT recipe's Mixup/CutMix: still a baseline, and its card says so.
+    paper = DiversityConfig(patch_cosine_coef=0, patch_contrastive_coef=0, attention_cosine_coef=0,
+                            weight_condition_coef=0, patch_mixing_loss=False)  # fmt: skip
+    card = build_model_card(config, repo_id="user/b", diversity=paper)
+    assert "baseline" in card.data.tags and "batch mixing on (Mixup/CutMix)" in card.text
+    assert "baseline" not in build_model_card(config, repo_id="user/d", diversity=DiversityConfig()).data.tags
+    with pytest.raises(ValueError, match="model_type vit, deit, vit_msn"):
         build_model_card(ResNetConfig(), repo_id="user/r")
     with pytest.raises(ValueError, match="namespace/name"):
         build_model_card(config, repo_id="no-namespace")
