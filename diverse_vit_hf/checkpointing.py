@@ -1,15 +1,19 @@
 """Checkpoints that are never half-written, resumes that restore every weight, and output folders that are never
 silently overwritten.
 
-- **Atomic checkpoints.** `checkpoint-<step>` is written into a hidden staging folder, flushed to disk, then renamed
-  into place (`publish_folder`): a crash (exception, kill, full disk) while saving never leaves a partial checkpoint
-  that `get_last_checkpoint` / `--resume_from_checkpoint last` would pick. An `OSError` while saving (e.g. disk full)
-  becomes a `CheckpointSaveError` that says what happened and where (`save_error`).
-- **Resume.** `resolve_resume_checkpoint("last")` takes the newest complete checkpoint, with a clear error if there is
-  none. Weights are restored through `from_pretrained` (`load_converted_weights`: the stock Trainer calls
-  `load_state_dict` on the 4.x-style key names `save_pretrained` writes and silently restores only the embeddings and
-  the head of a ViT), after checking that the checkpoint's architecture matches the model's.
-- **Used output folders.** `check_output_dir` refuses a new training in a folder that holds one.
+- **Atomic checkpoints.** `checkpoint-<step>` is written into a hidden staging folder, given a manifest of its files
+  (sizes and SHA-256, `checkpoint_integrity`), flushed to disk, then renamed into place (`publish_folder`): a crash
+  (exception, kill, full disk) while saving never leaves a partial checkpoint that `--resume_from_checkpoint
+  last`/`auto` would pick. A failed write (`WRITE_ERRORS`: the OS error, or torch's and safetensors' errors around
+  one) becomes a `CheckpointSaveError` that says what happened, where, and what to do (`save_error`); when the final
+  model cannot be written, it is written to a rescue folder instead.
+- **Resume.** `resolve_resume_checkpoint` takes a path, `"last"` (the newest intact checkpoint) or `"auto"` (the
+  same, or a fresh start), verifying the checkpoint first. Weights are restored through `from_pretrained`
+  (`load_converted_weights`: the stock Trainer calls `load_state_dict` on the 4.x-style key names `save_pretrained`
+  writes and silently restores only the embeddings and the head of a ViT), after checking that the checkpoint's
+  architecture matches the model's.
+- **Used output folders.** `check_output_dir` refuses a new training in a folder that holds one;
+  `finished_training` recognises a folder whose training finished.
 """
 
 from __future__ import annotations
@@ -25,11 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .callbacks import EMA_STATE_NAME
+from .checkpoint_integrity import (
+    CheckpointCheck,
+    CheckpointDamagedError,
+    list_checkpoints,
+    select_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
 from .fileio import atomic_write_text, fsync_path, fsync_tree
 
 logger = logging.getLogger(__name__)
@@ -56,31 +69,100 @@ class CheckpointSaveError(OSError):
     left where a loader would pick it up."""
 
 
-def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from: None (start fresh), `"last"`/True (newest `checkpoint-<step>` in
-    `output_dir`) or a path. Raises `ValueError` saying what to do when there is nothing to resume from."""
+RESUME_MODES = ("auto", "last")
+
+
+def _damage_report(checks: list[CheckpointCheck]) -> str:
+    return "; ".join(f"{check.path.name}: {check.describe()}" for check in checks)
+
+
+def resolve_resume_checkpoint(
+    value: str | bool | None, output_dir: str, allow_weights_only: bool = False
+) -> str | None:
+    """The checkpoint folder to resume from, checked (`checkpoint_integrity.verify_checkpoint`) before use.
+
+    `value` is None (start fresh), `"last"`/True (the newest intact `checkpoint-<step>` in `output_dir`; an error when
+    there is none), `"auto"` (the same, or None to start fresh when `output_dir` holds no checkpoint: one command for
+    the first launch and every requeue) or a checkpoint path. Newer damaged checkpoints are passed over with a warning
+    naming the damaged file. A checkpoint without optimizer, scheduler or RNG state (e.g. `--save_only_model`) is
+    refused unless `allow_weights_only`.
+
+    Raises:
+        ValueError: nothing to resume from (`last`), no such folder.
+        CheckpointDamagedError: the given checkpoint (or every checkpoint, with `last`/`auto`) is damaged or lacks
+            training state; the message names the files.
+    """
     if value is None or value is False or (isinstance(value, str) and not value.strip()):
         return None
-    if value is True or (isinstance(value, str) and value.strip().lower() == "last"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise ValueError(
-                f"--resume_from_checkpoint last: there is no {PREFIX_CHECKPOINT_DIR}-<step> folder in {output_dir}. "
-                "Drop the flag to start a new training, or pass the path of a checkpoint folder."
+    mode = "last" if value is True else value.strip().lower() if isinstance(value, str) else None
+    if mode in RESUME_MODES:
+        check, passed_over = select_checkpoint(output_dir, allow_weights_only=allow_weights_only)
+        if check is not None:
+            return _accepted(check)
+        if passed_over:
+            weights_only = [check for check in passed_over if check.intact]
+            hint = (
+                " Pass --resume_weights_only to resume from the weights alone (fresh optimizer, restarted lr schedule)."
+                if weights_only and len(weights_only) == len(passed_over)
+                else ""
             )
-        return last
+            raise CheckpointDamagedError(
+                f"--resume_from_checkpoint {mode}: no checkpoint in {output_dir} can be resumed from "
+                f"({_damage_report(passed_over)}). Restore the damaged files, pass an older checkpoint folder, or "
+                f"start over with --overwrite_output_dir.{hint}"
+            )
+        if mode == "auto":
+            return None
+        raise ValueError(
+            f"--resume_from_checkpoint last: there is no {PREFIX_CHECKPOINT_DIR}-<step> folder in {output_dir}. "
+            "Drop the flag to start a new training, pass --resume_from_checkpoint auto to start or resume "
+            "(the same command for the first launch and every requeue), or pass the path of a checkpoint folder."
+        )
     path = os.fspath(value)
     if not os.path.isdir(path):
         raise ValueError(
             f"--resume_from_checkpoint {path}: no such folder. Pass a {PREFIX_CHECKPOINT_DIR}-<step> folder written "
-            "by the Trainer, or 'last' for the newest one in --output_dir."
+            "by the Trainer, 'last' for the newest intact one in --output_dir, or 'auto' (the same, or a fresh start "
+            "when there is none)."
         )
-    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
-        raise ValueError(
-            f"--resume_from_checkpoint {path}: this folder is not a complete Trainer checkpoint (it has no "
-            f"{TRAINER_STATE_NAME}). Pass a {PREFIX_CHECKPOINT_DIR}-<step> folder, or 'last'."
+    check = verify_checkpoint(path)
+    if not check.intact:
+        raise CheckpointDamagedError(
+            f"--resume_from_checkpoint {path}: the checkpoint is damaged ({'; '.join(check.damaged)}). Pass an older "
+            f"{PREFIX_CHECKPOINT_DIR}-<step> folder, or 'last' for the newest intact one in --output_dir."
         )
-    return path
+    if check.missing_state and not allow_weights_only:
+        raise CheckpointDamagedError(
+            f"--resume_from_checkpoint {path}: the checkpoint holds the weights but not the "
+            f"{', '.join(check.missing_state)}, so training cannot continue exactly where it stopped (it was "
+            "written with --save_only_model, or files were deleted). Pass --resume_weights_only to continue from the "
+            "weights alone (fresh optimizer, restarted learning-rate schedule, unrestored random state), or pass "
+            "another checkpoint."
+        )
+    return _accepted(check)
+
+
+def _accepted(check: CheckpointCheck) -> str:
+    if check.missing_state:
+        missing = ", ".join(check.missing_state)
+        logger.warning("--resume_weights_only: resuming from the weights of %s without its %s.", check.path, missing)
+    return str(check.path)
+
+
+def finished_training(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The final trainer state of a training that finished in `output_dir` (its final model and `trainer_state.json`
+    written, `global_step` at `max_steps`), else None. The example scripts write `trainer_state.json` last."""
+    folder = Path(output_dir)
+    state_file = folder / TRAINER_STATE_NAME
+    weights = any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+    if not (state_file.is_file() and weights and (folder / "config.json").is_file()):
+        return None
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        finished = int(state["global_step"]) >= int(state["max_steps"]) > 0
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return state if finished else None
 
 
 def _model_files(folder: Path) -> list[str]:
@@ -107,7 +189,7 @@ def check_output_dir(output_dir: str | os.PathLike, resume_from: str | None, ove
         listed = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
         raise ValueError(
             f"--output_dir {folder} already holds a training ({listed}). Continue it with --resume_from_checkpoint "
-            "last, choose another --output_dir, or pass --overwrite_output_dir to start over (its checkpoints are "
+            "auto, choose another --output_dir, or pass --overwrite_output_dir to start over (its checkpoints are "
             "deleted)."
         )
     if int(os.environ.get("RANK", "0")) == 0:
@@ -171,19 +253,73 @@ def merge_folder(staged: Path, final: Path) -> None:
         os.replace(entry, final / entry.name)
 
 
-def save_error(error: OSError, what: str, folder: str | os.PathLike, left: str) -> CheckpointSaveError:
-    """A `CheckpointSaveError` saying what could not be written, where, why, what is left and what to do."""
-    if error.errno == errno.ENOSPC:
-        reason = "the disk is full (no space left on device)"
-    elif error.errno == getattr(errno, "EDQUOT", None):
-        reason = "the disk quota is exceeded"
+# What a failed write raises: the OS error itself, torch's `PytorchStreamWriter` RuntimeError around it, or the
+# safetensors error wrapping the Rust I/O error.
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
+# Texts of the wrapped errors (torch, safetensors' Rust errors) that carry no errno attribute.
+_ERRNO_TEXTS = (
+    (errno.ENOSPC, ("No space left", "code: 28", "StorageFull")),
+    (getattr(errno, "EDQUOT", 122), ("Disk quota exceeded", "code: 122", "QuotaExceeded")),
+    (errno.EROFS, ("Read-only file system", "code: 30", "ReadOnlyFilesystem")),
+    (errno.EACCES, ("Permission denied", "code: 13", "PermissionDenied")),
+)
+_NEARLY_FULL_BYTES = 256 * 2**20
+
+
+def write_failure_errno(error: BaseException, folder: str | os.PathLike | None = None) -> int | None:
+    """The errno behind a failed write: the error's own, one named in a wrapped error's text, or ENOSPC when the text
+    names none and `folder`'s file system has less than 256 MiB free (torch reports a full disk as "file write
+    failed")."""
+    code = getattr(error, "errno", None)
+    if code:
+        return code
+    text = str(error)
+    for candidate, patterns in _ERRNO_TEXTS:
+        if any(pattern in text for pattern in patterns):
+            return candidate
+    if folder is not None:
+        try:
+            if shutil.disk_usage(_existing_parent(Path(folder))).free < _NEARLY_FULL_BYTES:
+                return errno.ENOSPC
+        except OSError:
+            pass
+    return None
+
+
+def is_write_failure(error: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """Whether an error raised while saving is a failed write: any `OSError`, or a torch/safetensors error whose
+    text or errno says so (a programming error inside a save stays what it is)."""
+    if isinstance(error, OSError):
+        return True
+    if not isinstance(error, WRITE_ERRORS):
+        return False
+    text = str(error).lower()
+    return write_failure_errno(error, folder) is not None or "write" in text or "serializ" in text
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def save_error(error: BaseException, what: str, folder: str | os.PathLike, left: str) -> CheckpointSaveError:
+    """A `CheckpointSaveError` saying what could not be written, where, why, what is left and what to do, for any
+    of `WRITE_ERRORS` (a plain `OSError`, torch's or safetensors' errors around one)."""
+    code = write_failure_errno(error, folder)
+    if code == errno.ENOSPC:
+        reason, advice = "the disk is full (no space left on device)", "Free some space (or lower --save_total_limit)"
+    elif code == getattr(errno, "EDQUOT", 122):
+        reason, advice = "the disk quota is exceeded", "Free some space (or lower --save_total_limit)"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        reason = "the folder is read-only" if code == errno.EROFS else "permission denied"
+        advice = "Make the folder writable"
     else:
-        reason = error.strerror or str(error)
+        reason, advice = getattr(error, "strerror", None) or str(error), "Fix the cause above"
     return CheckpointSaveError(
-        error.errno,
-        f"Could not save {what} to {folder}: {reason} ({type(error).__name__}: {error}). {left} Free some space (or "
-        "lower --save_total_limit, or pass --save_only_model) or choose another --output_dir, then resume with "
-        "--resume_from_checkpoint last.",
+        code,
+        f"Could not save {what} to {folder}: {reason} ({type(error).__name__}: {error}). {left} {advice} or choose "
+        "another --output_dir, then resume with --resume_from_checkpoint auto.",
     )
 
 
@@ -257,13 +393,16 @@ class AtomicCheckpointsMixin:
                 if self.state.best_model_checkpoint is not None and Path(self.state.best_model_checkpoint) == staged:
                     self.state.best_model_checkpoint = str(final)
                     self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-            self.accelerator.wait_for_everyone()
+            self.accelerator.wait_for_everyone()  # every process's files (rng_state_<rank>.pth) are in
             if self.args.should_save:
+                write_manifest(staged, self.state.global_step)
                 publish_folder(staged, final)
             self.accelerator.wait_for_everyone()
             if staged.is_dir():  # files of a process that does not share the main process's file system
                 merge_folder(staged, final)
-        except OSError as error:
+        except WRITE_ERRORS as error:
+            if not is_write_failure(error, run_dir):
+                raise
             left = f"Nothing was left half-written: the earlier checkpoints in {run_dir} are untouched."
             raise save_error(error, f"checkpoint {name}", run_dir, left) from error
         finally:
@@ -305,11 +444,12 @@ class AtomicCheckpointsMixin:
             if self.args.should_save:
                 self._write_training_args(folder)
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        for leftover in folder.glob(".saving-*"):  # from a process killed mid-save
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
+        staging: Path | None = None
         try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for leftover in folder.glob(".saving-*"):  # from a process killed mid-save
+                shutil.rmtree(leftover, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
             super()._save(str(staging), state_dict)
             self._write_training_args(staging)
             fsync_tree(staging)
@@ -319,11 +459,49 @@ class AtomicCheckpointsMixin:
                     shutil.rmtree(target)
                 os.replace(entry, target)
             fsync_path(folder)
-        except OSError as error:
-            left = f"The files already in {folder} were left as they were (no partial file was moved there)."
+        except WRITE_ERRORS as error:
+            if not is_write_failure(error, folder):
+                raise
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging = None
+            left = f"The files already in {folder} were left as they were (no partial file was moved there). "
+            left += self._rescue_final_model(folder, state_dict)
             raise save_error(error, "the model", folder, left) from error
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _rescue_final_model(self, folder: Path, state_dict: dict | None) -> str:
+        """After the final model could not be written to `folder`: write it into a new folder under the temporary
+        directory (`TMPDIR`, usually another file system), so the training is not lost. Returns what to tell the
+        user."""
+        rescue = Path(tempfile.gettempdir()) / f"diverse-vit-rescued-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        newest = next(iter(list_checkpoints(folder)), None)
+        fallback = (
+            f"The newest checkpoint, {newest}, is intact: resume from it with --resume_from_checkpoint auto once "
+            "there is space, and the final model is written at the end."
+            if newest is not None
+            else "No checkpoint of this run is left to resume from."
+        )
+        try:
+            rescue.mkdir(parents=True)
+            super()._save(str(rescue), state_dict)
+            self._write_training_args(rescue)
+            fsync_tree(rescue)
+        except WRITE_ERRORS as error:
+            shutil.rmtree(rescue, ignore_errors=True)
+            logger.error("Could not write the trained model to %s either: %s", rescue, error)
+            return f"Writing it to {rescue} instead failed too ({error}). {fallback}"
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            try:
+                self.processing_class.save_pretrained(str(rescue))
+            except WRITE_ERRORS:
+                pass
+        return (
+            f"The trained model was saved to {rescue} instead (weights, config, image processor): copy that folder "
+            f"to where you want it (it loads with from_pretrained). {fallback}"
+        )
 
     def _loads_plain_weights(self, model: nn.Module, checkpoint: str) -> bool:
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False)
@@ -362,13 +540,18 @@ __all__ = [
     "AtomicCheckpointsMixin",
     "CheckpointSaveError",
     "POWER_STATE_NAME",
+    "RESUME_MODES",
     "TRAINER_STATE_NAME",
+    "WRITE_ERRORS",
     "check_checkpoint_architecture",
     "check_output_dir",
+    "finished_training",
+    "is_write_failure",
     "load_converted_weights",
     "loads_plain_weights",
     "merge_folder",
     "publish_folder",
     "resolve_resume_checkpoint",
     "save_error",
+    "write_failure_errno",
 ]

@@ -26,6 +26,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Iterable
 from PIL import Image as PILImage
 from torchvision.transforms import v2 as T
 
+from .sample_seeding import preserved_global_rng, sample_seed, seed_global_rng
+
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "jpg", "png")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "cls")
 AUGMENTATIONS = ("none", "light", "deit")
@@ -524,7 +526,14 @@ class ImageBatchTransform:
     With `corrupt_images="skip"`, an unreadable image gives `pixel_values=None` (dropped by `collate_image_batch`), a
     warning naming the file, and an entry in `skipped` (the paths skipped in *this* process: data-loader workers keep
     their own list and log their own warnings).
+
+    `row_seeds`, when set (by `SeededImageDataset`, for exactly the rows of one call), holds one seed per row: row i is
+    transformed with the global random generators seeded from `row_seeds[i]` (`sample_seeding.seed_global_rng`), and
+    the generators' previous states are restored after the call. Unset (None), the transform draws from the global
+    generators as they are.
     """
+
+    row_seeds: list[int] | None = None
 
     def __init__(
         self,
@@ -553,10 +562,22 @@ class ImageBatchTransform:
         return self.transform(image)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return {
-            "pixel_values": [self._pixels(value) for value in batch[self.image_column]],
-            "labels": list(batch[self.label_column]),
-        }
+        images = batch[self.image_column]
+        seeds = self.row_seeds
+        if seeds is None:
+            pixel_values = [self._pixels(value) for value in images]
+        else:
+            if len(seeds) != len(images):
+                raise RuntimeError(
+                    f"ImageBatchTransform got {len(images)} rows but {len(seeds)} row seeds: the seeds must be set for "
+                    "exactly the rows of one call (SeededImageDataset does this)."
+                )
+            pixel_values = []
+            with preserved_global_rng():
+                for value, seed in zip(images, seeds, strict=True):
+                    seed_global_rng(seed)
+                    pixel_values.append(self._pixels(value))
+        return {"pixel_values": pixel_values, "labels": list(batch[self.label_column])}
 
 
 # The transform installed on each stream by `apply_image_transform`: a stream has no format to keep it in, and the
@@ -595,13 +616,110 @@ def apply_image_transform(
     return dataset
 
 
-def skipped_images(dataset: Dataset | IterableDataset) -> list[str]:
-    """The unreadable images skipped so far (in this process) by the transform `apply_image_transform` installed."""
+def image_batch_transform(dataset: Any) -> ImageBatchTransform | None:
+    """The `ImageBatchTransform` that `apply_image_transform` installed on a `Dataset` (its format transform) or a
+    stream, else None (any other dataset, or another transform)."""
     if isinstance(dataset, IterableDataset):
         batch_transform = _STREAM_TRANSFORMS.get(dataset)
-    else:
+    elif isinstance(dataset, Dataset):
         batch_transform = (dataset.format.get("format_kwargs") or {}).get("transform")
-    return list(batch_transform.skipped) if isinstance(batch_transform, ImageBatchTransform) else []
+    else:
+        return None
+    return batch_transform if isinstance(batch_transform, ImageBatchTransform) else None
+
+
+def skipped_images(dataset: Dataset | IterableDataset) -> list[str]:
+    """The unreadable images skipped so far (in this process) by the transform `apply_image_transform` installed."""
+    batch_transform = image_batch_transform(dataset)
+    return list(batch_transform.skipped) if batch_transform is not None else []
+
+
+class SeededImageDataset(torch.utils.data.Dataset):
+    """A training `Dataset` (map-style, with the `ImageBatchTransform` of `apply_image_transform`) whose images are
+    augmented with per-sample randomness: the image at `index`, loaded in `epoch` by process `rank`, is transformed
+    with the global random generators seeded from `sample_seeding.sample_seed(seed, rank, epoch, index, occurrence)`,
+    where `occurrence` counts the earlier copies of `index` in the same fetch (repeated augmentation puts copies of one
+    image in one batch: each is augmented differently).
+
+    An image's augmentation therefore does not depend on the batch it is in, the order of loading, the data loader's
+    prefetching, the worker that loads it or the batches a resumed run skips, and loading leaves the caller's global
+    random states as they were: a run resumed from a checkpoint augments, mixes and drops paths exactly as the
+    uninterrupted run did. `DiverseTrainer` loads its training data through this wrapper (`get_train_dataloader`).
+
+    The epoch lives in a one-element shared-memory tensor, so `set_epoch` in the main process reaches data-loader
+    workers, persistent or not, forked or spawned. Set it before the epoch's data iterator starts (and not while
+    batches of the previous epoch are still being loaded).
+
+    Args:
+        dataset: a `datasets.Dataset` carrying an `ImageBatchTransform` (see `apply_image_transform`).
+        seed: the training seed (`--seed`).
+        rank: the process index (each process its own augmentations).
+        epoch: the epoch to start in.
+
+    Attributes:
+        dataset: the wrapped `datasets.Dataset`.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0, epoch: int = 0) -> None:
+        if image_batch_transform(dataset) is None:
+            raise TypeError(
+                "SeededImageDataset wraps a datasets.Dataset whose transform was installed by apply_image_transform, "
+                f"got {type(dataset).__name__}."
+            )
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self._epoch = torch.tensor([int(epoch)], dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentations the next fetches draw (called by the Trainer and Accelerate at each epoch)."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def features(self) -> Features:
+        return self.dataset.features
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def seeds(self, indices: Sequence[int]) -> list[int]:
+        """The seed of each row of a fetch of `indices` in the current epoch."""
+        epoch, seen, seeds = self.epoch, {}, []
+        for index in map(int, indices):
+            occurrence = seen.get(index, 0)
+            seen[index] = occurrence + 1
+            seeds.append(sample_seed(self.seed, self.rank, epoch, index, occurrence))
+        return seeds
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        indices = [int(index) for index in indices]
+        transform = image_batch_transform(self.dataset)
+        previous = transform.row_seeds
+        transform.row_seeds = self.seeds(indices)
+        try:
+            return self.dataset.__getitems__(indices)
+        finally:
+            transform.row_seeds = previous
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(seed={self.seed}, rank={self.rank}, epoch={self.epoch}, dataset={self.dataset!r})"
+        )
+
+
+def seeded_training_dataset(dataset: Any, seed: int, rank: int = 0) -> SeededImageDataset | None:
+    """`SeededImageDataset(dataset, seed, rank)` for a map-style `datasets.Dataset` carrying an `ImageBatchTransform`;
+    None for anything else (a stream, a dataset without that transform, a plain torch dataset)."""
+    if isinstance(dataset, Dataset) and image_batch_transform(dataset) is not None:
+        return SeededImageDataset(dataset, seed, rank)
+    return None
 
 
 def collate_image_batch(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -628,6 +746,7 @@ __all__ = [
     "EMBEDDED_DATASETS",
     "ImageBatchTransform",
     "ImagePreprocessing",
+    "SeededImageDataset",
     "ToRGB",
     "UnreadableImageError",
     "apply_image_transform",
@@ -635,6 +754,7 @@ __all__ = [
     "class_names",
     "collate_image_batch",
     "ensure_class_labels",
+    "image_batch_transform",
     "image_size_from_processor",
     "load_embedded_dataset",
     "load_embedded_mnist",
@@ -645,6 +765,7 @@ __all__ = [
     "prepare_processor",
     "processor_transforms",
     "resolve_columns",
+    "seeded_training_dataset",
     "skipped_images",
     "stream_class_label",
     "train_eval_split",

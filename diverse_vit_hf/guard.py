@@ -169,7 +169,7 @@ class NonFiniteGuard(TrainerCallback):
                 f"(--max_consecutive_nonfinite {self.max_consecutive}). The model still holds the weights "
                 f"of the last good step and the checkpoints in {self.output_dir} are intact. Check the data for "
                 "NaN/Inf pixels, lower the learning rate or the regularizer coefficients (or use --weight_estimator "
-                "exact), then resume with --resume_from_checkpoint last."
+                "exact), then resume with --resume_from_checkpoint auto."
             )
 
     def counters(self) -> dict[str, int]:

@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, set_seed
-from transformers.trainer_utils import has_length
+from transformers import Trainer, TrainerState, set_seed
+from transformers.trainer_utils import TrainOutput, has_length
 
 from .callbacks import EMA_STATE_NAME, ModelEMACallback
 from .checkpointing import (
+    TRAINER_STATE_NAME,
     AtomicCheckpointsMixin,
     CheckpointSaveError,
     check_checkpoint_architecture,
@@ -54,7 +56,10 @@ from .mixing import PatchMixupCutmix
 from .modeling import DiverseModelMixin
 from .objective import DiversityObjective
 from .optim import NO_DECAY_PARAMETER_NAMES, no_weight_decay_parameter_names
+from .output_folder import prepare_output_folder
+from .preemption import SignalCheckpointCallback, parse_stop_signals
 from .regularizers import PowerIterationState
+from .sample_seeding import preserved_global_rng
 from .sampling import RepeatedAugmentationSampler
 from .training_args import DiverseTrainingArguments
 
@@ -156,6 +161,16 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
         self._checkpoint_staging_root: str | None = None
         # Throughput of the logging window: training images seen and wall time outside evaluation/saving.
         self._window_images, self._window_start, self._window_excluded = 0, time.perf_counter(), 0.0
+        if getattr(args, "enable_jit_checkpoint", False):
+            raise ValueError(
+                "--enable_jit_checkpoint is not supported by DiverseTrainer: it handles SIGTERM itself (see "
+                "--stop_signals), finishing the step under way, writing a complete checkpoint and stopping without "
+                "evaluating or writing a final model. Drop --enable_jit_checkpoint."
+            )
+        stop_signals = parse_stop_signals(getattr(args, "stop_signals", ""))
+        self.signal_callback = SignalCheckpointCallback(stop_signals, self.accelerator) if stop_signals else None
+        if self.signal_callback is not None:
+            self.add_callback(self.signal_callback)
         self.ema_callback: ModelEMACallback | None = None
         if getattr(args, "model_ema", False):
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -165,6 +180,7 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
                 )
             self.ema_callback = ModelEMACallback(unwrapped, args.model_ema_decay, self._optimizer_step_was_skipped)
             self.add_callback(self.ema_callback)
+        self._install_sample_seeding()  # per-sample augmentation seeds of the training images (section at the end)
 
     @property
     def ema(self) -> ModelEMA | None:
@@ -261,22 +277,70 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
         )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
-        """Stock `train`, where `resume_from_checkpoint` may also be `"last"` (= True: the newest checkpoint in
-        `output_dir`); a missing or incomplete checkpoint gives a clear `ValueError` before anything starts."""
-        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        self._window_images, self._window_start, self._window_excluded = 0, time.perf_counter(), 0.0
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        """Stock `train`, made safe to run, kill, requeue and resume:
+
+        - `resume_from_checkpoint` may also be `"last"` (= True: the newest intact checkpoint in `output_dir`) or
+          `"auto"` (the same, or a fresh start when there is none); a checkpoint is verified before use
+          (`checkpoint_integrity`), and a damaged or weights-only one gives a clear error before anything starts;
+        - the output folder is locked for the run and checked to be writable (`output_folder`);
+        - a checkpoint at or past this run's last step is not trained further: its weights are loaded and training
+          is reported as finished (the stock Trainer would take one more step on each resume);
+        - the signals of `--stop_signals` end training after the step under way with a checkpoint
+          (`stopped_by_signal`).
+        """
+        resume_from_checkpoint = resolve_resume_checkpoint(
+            resume_from_checkpoint, self.args.output_dir, allow_weights_only=self.args.resume_weights_only
+        )
+        lock = prepare_output_folder(self.args.output_dir, is_main_process=self.args.process_index == 0)
+        try:
+            if resume_from_checkpoint is not None and self._reached_last_step(resume_from_checkpoint):
+                return self._restore_finished_training(resume_from_checkpoint)
+            self._window_images, self._window_start, self._window_excluded = 0, time.perf_counter(), 0.0
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @property
+    def stopped_by_signal(self) -> str | None:
+        """The name of the signal on which the last `train` call stopped after writing a checkpoint, else None."""
+        callback = self.signal_callback
+        if callback is None or callback.stopped_at is None or callback.received is None:
+            return None
+        return callback.received.name
+
+    def _reached_last_step(self, checkpoint: str) -> bool:
+        saved = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        if not (saved.max_steps > 0 and saved.global_step >= saved.max_steps):
+            return False
+        # The checkpoint ended its own run; it ends this one too unless this run's budget is larger.
+        max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        return saved.global_step >= max_steps
+
+    def _restore_finished_training(self, checkpoint: str) -> TrainOutput:
+        logger.warning(
+            "%s is at the last training step; training is finished and is not continued. Loading its weights.",
+            checkpoint,
+        )
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        losses = [entry["train_loss"] for entry in self.state.log_history if "train_loss" in entry]
+        return TrainOutput(self.state.global_step, losses[-1] if losses else float("nan"), {})
 
     # ---- Evaluation, final model, card ----------------------------------------------------------------------------
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix="eval"):
-        """Stock `evaluate`, on the EMA weights with `--model_ema` (and `--model_ema_eval`)."""
+        """Stock `evaluate`, on the EMA weights with `--model_ema` (and `--model_ema_eval`). It leaves the global
+        random streams as it found them (its data loader draws a seed from them), so the training's augmentation,
+        mixing and drop-path draws do not depend on when evaluations happen, e.g. one skipped when a run stops on a
+        signal and is resumed."""
         started = time.perf_counter()
         try:
-            if not self._ema_eval:
-                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-            with self.ema.swapped_into(self.accelerator.unwrap_model(self.model)):
-                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            with preserved_global_rng():
+                if not self._ema_eval:
+                    return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+                with self.ema.swapped_into(self.accelerator.unwrap_model(self.model)):
+                    return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._window_excluded += time.perf_counter() - started
 
@@ -371,6 +435,49 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
         if images and elapsed > 0:
             logs["images_per_second"] = round(images / elapsed, 3)
         self._window_images, self._window_start, self._window_excluded = 0, time.perf_counter(), 0.0
+
+    # ---- Training data: per-sample augmentation seeds (exact resume) ----------------------------------------------
+    # Everything of this feature in this file is in this section, plus the one call at the end of `__init__`. The
+    # seeds and the wrapper are in `sample_seeding.py` and `data.py` (`SeededImageDataset`).
+
+    def _install_sample_seeding(self) -> None:
+        """Add `SampleEpochCallback`, which gives the seeded training dataset its epoch at each epoch start."""
+        from .sample_seeding import SampleEpochCallback
+
+        self.sample_epoch_callback = SampleEpochCallback()
+        self.add_callback(self.sample_epoch_callback)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Stock `get_train_dataloader`, except that a map-style `datasets.Dataset` carrying the `ImageBatchTransform`
+        of `data.apply_image_transform` is loaded through `data.SeededImageDataset`: each image's random augmentation
+        draws from its own seed (`--seed`, process index, epoch, index), not from the global generators, so a run
+        resumed from a checkpoint augments, mixes and drops paths exactly as the uninterrupted run did, with or
+        without data-loader workers. `train_dataset` itself is not changed. Streams, other datasets and evaluation
+        are loaded as before."""
+        seeded = None
+        if "datasets" in sys.modules:  # only then can the training data be a `datasets.Dataset`
+            from .data import seeded_training_dataset
+
+            seeded = seeded_training_dataset(self.train_dataset, self.args.seed, self.args.process_index)
+        if seeded is None:
+            return super().get_train_dataloader()
+        self.sample_epoch_callback.dataset = seeded
+        original, self.train_dataset = self.train_dataset, seeded
+        try:
+            dataloader = super().get_train_dataloader()
+        finally:
+            self.train_dataset = original
+        # Each new data iterator draws its workers' base seed, from the global generator unless the loader has its
+        # own. Persistent workers start once per run, so a resumed run would draw once more than the uninterrupted one
+        # when its first full epoch starts, shifting Mixup/CutMix and drop path. The seeded augmentations do not use
+        # these seeds: they come from a generator of their own. (Accelerate's loader wraps a `base_dataloader`, and
+        # `skip_first_batches` copies its generator.)
+        loader = getattr(dataloader, "base_dataloader", dataloader)
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
+            loader.generator = torch.Generator().manual_seed(self.args.seed + self.args.process_index)
+        return dataloader
+
+    # ---- End of the per-sample augmentation seeds -----------------------------------------------------------------
 
 
 __all__ = [

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from .configuration import DiversityConfig
+from .preemption import DEFAULT_STOP_SIGNALS, parse_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,28 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
         metadata={
             "help": "Start a new training in an --output_dir that already holds checkpoints or a saved model: its "
             "checkpoint-<step> folders are deleted first. Without it such a run is refused (resume it with "
-            "--resume_from_checkpoint last instead)."
+            "--resume_from_checkpoint auto instead)."
+        },
+    )
+
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow --resume_from_checkpoint on a checkpoint that holds the weights but not the optimizer, "
+            "learning-rate scheduler or random state (written with --save_only_model, or with those files lost). "
+            "What is lost: AdamW's moments restart from zero, the learning-rate schedule restarts from its first "
+            "step, and the data augmentation and mixing draws differ from the interrupted run's. Without it such a "
+            "checkpoint is refused, naming what it lacks."
+        },
+    )
+    stop_signals: str = field(
+        default=DEFAULT_STOP_SIGNALS,
+        metadata={
+            "help": "Signals that end training gracefully, comma-separated: the optimizer step under way finishes, a "
+            "complete checkpoint is written, and the example scripts exit with code 75 without evaluating or "
+            "writing a final model (SLURM and Kubernetes send SIGTERM before a kill; SLURM's --signal=USR1@90 "
+            "sends SIGUSR1). Rerun the same command with --resume_from_checkpoint auto to continue. Under several "
+            "processes all stop after the same step. An empty string leaves the signals' default action (exit)."
         },
     )
 
@@ -115,6 +137,7 @@ class DiverseTrainingArguments(TrainingArguments, DiversityConfig):
                 "`max_consecutive_nonfinite` must be an integer >= 0 (0 disables the non-finite guard), got "
                 f"{self.max_consecutive_nonfinite!r}."
             )
+        parse_stop_signals(self.stop_signals)  # an unknown name fails here, not at the first signal
         if not 0.0 <= self.model_ema_decay < 1.0:
             raise ValueError(f"`model_ema_decay` must lie in [0, 1) (DeiT: 0.99996), got {self.model_ema_decay}.")
         if not isinstance(self.repeated_augmentations, int) or self.repeated_augmentations < 1:

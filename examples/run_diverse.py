@@ -36,7 +36,15 @@ from transformers import AutoConfig, HfArgumentParser, TrainerCallback, set_seed
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments
 from diverse_vit_hf.arguments import DataArguments, ModelArguments, RecipeArguments
-from diverse_vit_hf.checkpointing import check_output_dir, resolve_resume_checkpoint
+from diverse_vit_hf.checkpointing import (
+    WRITE_ERRORS,
+    CheckpointSaveError,
+    check_output_dir,
+    finished_training,
+    is_write_failure,
+    resolve_resume_checkpoint,
+    save_error,
+)
 from diverse_vit_hf.data import (
     apply_image_transform,
     class_names,
@@ -49,6 +57,8 @@ from diverse_vit_hf.data import (
 from diverse_vit_hf.evaluation import make_compute_metrics
 from diverse_vit_hf.guard import NonFiniteLossError
 from diverse_vit_hf.hub import CardInputs
+from diverse_vit_hf.output_folder import OutputFolderLockedError, prepare_output_folder
+from diverse_vit_hf.preemption import TrainingStoppedError
 from diverse_vit_hf.presets import build_classifier
 from diverse_vit_hf.recipe import apply_recipe
 from diverse_vit_hf.splits import check_streaming, load_splits
@@ -187,13 +197,55 @@ def main(
     set_seed(training_args.seed)
     eval_only = not training_args.do_train
     check_streaming(data_args, recipe_args, training_args)
-    # Fail before loading any data when there is nothing to resume from ("last" = newest checkpoint in output_dir).
-    resume_from = None
-    if not eval_only:
-        resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-        check_output_dir(training_args.output_dir, resume_from, training_args.overwrite_output_dir)
     if data_args.redundancy_images < 0:
         raise ValueError(f"--redundancy_images must be >= 0 (0 skips the analysis), got {data_args.redundancy_images}.")
+    if eval_only:
+        return run(model_args, data_args, recipe_args, training_args, None, load_data, build_model, callbacks)
+    output_dir = training_args.output_dir
+    resume_mode = str(training_args.resume_from_checkpoint or "").strip().lower()
+    if resume_mode == "auto" and (finished := finished_training(output_dir)) is not None:
+        return report_finished_run(output_dir, finished, training_args)
+    # Before any data is read: one run per output folder, the folder writable, and a verified checkpoint to resume
+    # from ("last"/"auto": the newest intact one in output_dir).
+    lock = prepare_output_folder(output_dir, is_main_process=training_args.process_index == 0)
+    try:
+        resume_from = resolve_resume_checkpoint(
+            training_args.resume_from_checkpoint, output_dir, allow_weights_only=training_args.resume_weights_only
+        )
+        check_output_dir(output_dir, resume_from, training_args.overwrite_output_dir)
+        return run(model_args, data_args, recipe_args, training_args, resume_from, load_data, build_model, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def report_finished_run(
+    output_dir: str, state: dict[str, Any], training_args: DiverseTrainingArguments
+) -> dict[str, float]:
+    """`--resume_from_checkpoint auto` on a folder whose training finished: say so, train nothing, return the
+    evaluation metrics it saved."""
+    results = Path(output_dir) / "eval_results.json"
+    metrics = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+    if training_args.process_index == 0:
+        print(
+            f"\nThe training in {Path(output_dir).resolve()} finished at step {state['global_step']} of "
+            f"{state['max_steps']}; nothing to do. Its final model is in that folder."
+        )
+    return metrics
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    recipe_args: RecipeArguments,
+    training_args: DiverseTrainingArguments,
+    resume_from: str | None,
+    load_data: Callable[[DataArguments, int], tuple[Any, Any, str, str]],
+    build_model: Callable[[ModelArguments, list[str]], tuple[Any, Any]],
+    callbacks: Sequence[TrainerCallback],
+) -> dict[str, float]:
+    """Load the data and the model, then train (from `resume_from` when given) and/or evaluate, and save."""
+    eval_only = not training_args.do_train
 
     train, evaluation, image_column, label_column = load_data(data_args, training_args.seed)
     labels = class_names(train, label_column)
@@ -248,6 +300,13 @@ def main(
     if resume_from is not None:
         logger.info("Resuming from %s", resume_from)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.stopped_by_signal is not None:
+        checkpoint = Path(training_args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        raise TrainingStoppedError(
+            f"Stopped on {trainer.stopped_by_signal} after step {trainer.state.global_step} of "
+            f"{trainer.state.max_steps}; {checkpoint} holds the complete training state. Run the same command with "
+            "--resume_from_checkpoint auto to continue."
+        )
     metrics = trainer.evaluate()
     skipped = skipped_images(train) + skipped_images(evaluation)
     if skipped:
@@ -256,17 +315,24 @@ def main(
         metrics["skipped_images"] = len(skipped)
     trainer.log_metrics("train", train_result.metrics)
     trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_metrics("eval", metrics)
-    trainer.save_state()
-    if data_args.redundancy_images > 0 and trainer.is_world_process_zero():
-        write_redundancy_report(trainer, evaluation, data_args, training_args.output_dir)
+    # The final model first: a full disk must not cost the training (save_model writes it elsewhere if it fails).
     trainer.card_inputs = card_inputs(model_args, data_args)
-    # Plain ViT/DeiT checkpoint + image processor in output_dir; with --push_to_hub this also writes the card and
-    # uploads the folder in one commit (DiverseTrainer.push_to_hub).
+    # Plain checkpoint + image processor in output_dir; with --push_to_hub this also writes the card and uploads the
+    # folder in one commit (DiverseTrainer.push_to_hub).
     trainer.save_model()
-    if not training_args.push_to_hub:
-        trainer.create_model_card()  # README.md: the project's card
+    try:
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_metrics("eval", metrics)
+        if data_args.redundancy_images > 0 and trainer.is_world_process_zero():
+            write_redundancy_report(trainer, evaluation, data_args, training_args.output_dir)
+        if not training_args.push_to_hub:
+            trainer.create_model_card()  # README.md: the project's card
+        trainer.save_state()  # last: trainer_state.json marks the run as finished (--resume_from_checkpoint auto)
+    except WRITE_ERRORS as error:
+        if not is_write_failure(error, training_args.output_dir):
+            raise
+        left = "The final model is saved there; only the metrics, the card or the run's final state are missing."
+        raise save_error(error, "the run's reports", training_args.output_dir, left) from error
 
     if trainer.is_world_process_zero():
         terms = [entry for entry in trainer.state.log_history if "loss_cls" in entry]
@@ -283,12 +349,21 @@ def main(
     return metrics
 
 
+# Exit codes (README, "Failure handling"), checked in this order: subclasses before their bases.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (TrainingStoppedError, TrainingStoppedError.exit_code),  # 75: checkpoint written on a signal; rerun to continue
+    (CheckpointSaveError, 4),  # a checkpoint, the final model or the output folder could not be written
+    (OutputFolderLockedError, 5),  # another run holds --output_dir
+    (NonFiniteLossError, 3),  # training diverged
+    (ValueError, 2),  # bad arguments, data or checkpoint
+    (TypeError, 2),
+    (OSError, 2),
+)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, TypeError, OSError) as error:
+    except tuple(kind for kind, _ in EXIT_CODES) as error:
         logging.getLogger("run_diverse").error("%s", error)
-        sys.exit(2)
-    except NonFiniteLossError as error:
-        logging.getLogger("run_diverse").error("%s", error)
-        sys.exit(3)
+        sys.exit(next(code for kind, code in EXIT_CODES if isinstance(error, kind)))

@@ -38,6 +38,7 @@ from diverse_vit_hf import DiversityConfig, DiversityObjective
 from diverse_vit_hf.arguments import DataArguments, ModelArguments
 from diverse_vit_hf.checkpointing import check_output_dir
 from diverse_vit_hf.data import (
+    SeededImageDataset,
     apply_image_transform,
     class_names,
     collate_image_batch,
@@ -172,8 +173,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_transform, eval_transform = processor_transforms(processor, augmentation)
     train = apply_image_transform(train, train_transform, image_column, label_column, data_args.corrupt_images)
     evaluation = apply_image_transform(evaluation, eval_transform, image_column, label_column, data_args.corrupt_images)
+    # Each training image is augmented with its own seed (seed, process, epoch, index), not with the global generators:
+    # a resumed run augments exactly as the uninterrupted one, whatever the loader prefetched or skipped.
+    seeded_train = SeededImageDataset(train, loop.seed, accelerator.process_index)
     loader_args = {"collate_fn": collate_image_batch, "num_workers": loop.dataloader_num_workers}
-    train_loader = DataLoader(train, batch_size=loop.per_device_train_batch_size, shuffle=True, **loader_args)
+    train_loader = DataLoader(seeded_train, batch_size=loop.per_device_train_batch_size, shuffle=True, **loader_args)
+    # Starting a data iterator draws its workers' base seed: from a generator of its own (set after the sampler took
+    # its own), as DiverseTrainer does, so the global ones (Mixup/CutMix, drop path) are not touched by loading data.
+    train_loader.generator = torch.Generator().manual_seed(loop.seed + accelerator.process_index)
     eval_loader = DataLoader(evaluation, batch_size=loop.per_device_eval_batch_size, **loader_args)
 
     objective = DiversityObjective(diversity, len(labels), model.config.patch_size, loop.label_smoothing)
@@ -208,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.train()
     epoch = step // steps_per_epoch
     while step < max_steps:
+        seeded_train.set_epoch(epoch)  # the loader's set_epoch reaches only its sampler
         train_loader.set_epoch(epoch)
         batches = train_loader
         if rng_states is not None:
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if rng_states is not None:
                 # Starting the data iterator drew from the global generators: re-apply the checkpoint's states at the
                 # first resumed step, as the Trainer does, so Mixup/CutMix and the power iteration draw what the
-                # uninterrupted run drew (augmentations already applied to prefetched images cannot be replayed).
+                # uninterrupted run drew (the augmentations draw from their own per-image seeds).
                 restore_rng(rng_states)
                 rng_states = None
             with accelerator.accumulate(model):

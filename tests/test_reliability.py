@@ -200,7 +200,7 @@ def test_consecutive_nonfinite_steps_stop_training_and_keep_the_last_good_checkp
         trainer.train()
     message = str(excinfo.value)
     assert "loss_patch_cosine" in message and "--max_consecutive_nonfinite 3" in message
-    assert "optimizer step 5" in message and "resume_from_checkpoint last" in message
+    assert "optimizer step 5" in message and "resume_from_checkpoint auto" in message
     good = recorder.weights[2]
     assert same_weights(good, snapshot(trainer.model)), "a skipped step changed the model"
     last = get_last_checkpoint(str(tmp_path))
@@ -382,7 +382,7 @@ def test_crash_inside_a_checkpoint_save_keeps_the_previous_one_and_resume_contin
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.train()
     monkeypatch.undo()
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2"], "a partial checkpoint-4 is visible"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["checkpoint-2"], "partial checkpoint"
     load_diverse_model(str(run / "checkpoint-2"))  # the previous checkpoint loads
     # What a hard kill (no cleanup) would leave: a hidden staging folder. Resuming must not pick it.
     leftover = run / ".checkpoint-4.saving" / "checkpoint-4"
@@ -465,8 +465,8 @@ def test_disk_full_during_a_checkpoint_save(tmp_path, monkeypatch):
     message = str(excinfo.value)
     assert excinfo.value.errno == errno.ENOSPC
     assert "checkpoint checkpoint-2" in message and str(tmp_path) in message and "disk is full" in message
-    assert "resume_from_checkpoint last" in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    assert "resume_from_checkpoint auto" in message and "save_only_model" not in message
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["checkpoint-1"]
     load_diverse_model(str(tmp_path / "checkpoint-1"))
 
 
@@ -645,7 +645,7 @@ def test_a_new_training_into_a_used_output_dir_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("unrelated")
     check_output_dir(tmp_path, None)  # unrelated files only: fine
     (tmp_path / "checkpoint-20").mkdir()
-    with pytest.raises(ValueError, match=r"checkpoint-20.*--resume_from_checkpoint last.*--overwrite_output_dir"):
+    with pytest.raises(ValueError, match=r"checkpoint-20.*--resume_from_checkpoint auto.*--overwrite_output_dir"):
         check_output_dir(tmp_path, None)
     check_output_dir(tmp_path, str(tmp_path / "checkpoint-20"))  # resuming it: fine
     saved = tmp_path / "saved"

@@ -477,6 +477,6 @@ def test_output_dir_holding_checkpoints_is_not_overwritten_silently(tmp_path):
     assert list(output.glob("checkpoint-*"))
     again = run_script(tiny)  # as users run it: the exit code and the message
     assert again.returncode == 2, failure(again)
-    assert "--resume_from_checkpoint last" in again.stderr and "Traceback" not in again.stderr
+    assert "--resume_from_checkpoint auto" in again.stderr and "Traceback" not in again.stderr
     ok, text = run_in_process([*tiny, "--overwrite_output_dir"])
     assert ok, text

@@ -30,7 +30,7 @@
 #   ACCELERATE_CONFIG [examples/recipes/accelerate/ddp_8gpu.yaml]: deepspeed_zero2_8gpu.yaml and fsdp_8gpu.yaml (FSDP2)
 #     also support every term (see examples/recipes/README.md).
 #   OUTPUT_DIR [outputs/deit-small-12-diverse-imagenet]
-# Extra arguments are passed on to run_diverse.py, e.g. `--resume_from_checkpoint last` to continue after a stop.
+# Extra arguments are passed on to run_diverse.py, e.g. `--resume_from_checkpoint auto` to start or continue after a stop.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # repository root
 

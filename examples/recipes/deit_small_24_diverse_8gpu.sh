@@ -9,7 +9,7 @@
 #   DeiT baselines, the largest for the deeper DeiT-Small-24; a public reproduction of DeiT-Small-24 + diversity
 #   reached 79.7% after 300 epochs. Deep DeiT-S is unstable: that reproduction saw NaN losses with drop path 0.2.
 #   DiverseTrainer skips non-finite steps and stops after --max_consecutive_nonfinite (5) in a row, leaving the
-#   last checkpoint intact; resume with `--resume_from_checkpoint last`. fp16 overflows are the GradScaler's: it
+#   last checkpoint intact; resume with `--resume_from_checkpoint auto`. fp16 overflows are the GradScaler's: it
 #   skips those steps and lowers its scale, as in DeiT. If the forward itself overflows in fp16 (non-finite loss
 #   terms, reported by name), pass `--fp16 false --bf16` (not DeiT's precision; see docs/recipe.md).
 # Hardware: 8 CUDA GPUs (A100/H100 class; fp16 autocast, as DeiT). Per-GPU batch 128 at 224 px: an estimated
@@ -37,7 +37,7 @@
 #   ACCELERATE_CONFIG [examples/recipes/accelerate/ddp_8gpu.yaml]: deepspeed_zero2_8gpu.yaml and fsdp_8gpu.yaml (FSDP2)
 #     also support every term (see examples/recipes/README.md).
 #   OUTPUT_DIR [outputs/deit-small-24-diverse-imagenet]
-# Extra arguments are passed on to run_diverse.py, e.g. `--resume_from_checkpoint last` to continue after a stop.
+# Extra arguments are passed on to run_diverse.py, e.g. `--resume_from_checkpoint auto` to start or continue after a stop.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # repository root
 
