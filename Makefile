@@ -15,7 +15,8 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 FLOOR_STAMP := $(FLOOR_VENV)/.installed-transformers-$(TRANSFORMERS_FLOOR)
 FLOOR_TESTS := tests/test_packaging.py tests/test_modeling.py tests/test_trainer.py tests/test_reliability.py \
-	tests/test_data.py tests/test_families.py
+	tests/test_data.py tests/test_families.py tests/test_exact_resume.py tests/test_preemption.py \
+	tests/test_checkpoint_integrity.py tests/test_output_folder.py
 
 .PHONY: demo test test-floor lint install clean
 
