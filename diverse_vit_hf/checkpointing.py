@@ -66,7 +66,10 @@ ARCHITECTURE_KEYS = (
 
 class CheckpointSaveError(OSError):
     """A checkpoint or the final model could not be written (disk full, permissions, ...). Nothing half-written is
-    left where a loader would pick it up."""
+    left where a loader would pick it up. `errno` holds the cause's code; the message is the whole explanation."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message alone, without OSError's "[Errno N]" prefix
 
 
 RESUME_MODES = ("auto", "last")
