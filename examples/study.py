@@ -11,22 +11,43 @@ same budget (epochs, batch, learning rate) for every arm of a setting. The arms:
 
 Settings: `shallow` (the demo's 4-block ViT, hidden 64) and `deep` (12 blocks, same width, heads and MLP); `tiny` is
 for smoke tests. Each run writes `<output_dir>/<setting>/<arm>/seed-<n>` (eval_results.json, trainer_state.json,
-redundancy.json, the model); `<output_dir>/study.json` holds every run (its exact argv, accuracy, eval loss, wall time,
-redundancy summary) and the statistics, `<output_dir>/study.md` the report with its plots:
+redundancy.json, the model); `<output_dir>/study.json` holds every run (its exact argv, final accuracy, eval loss, wall
+time, redundancy summary, accuracy curve) and the statistics, `<output_dir>/study.md` the report with its plots:
 
     python examples/study.py                                  # 5 arms x 2 settings x 5 seeds
     python examples/study.py --settings shallow --arms baseline diverse --seeds 0 1 2 --num_train_epochs 5
     python examples/study.py --report_only                    # recompute the statistics and the report
 
+Accuracy against training time: every run also evaluates on the held-out split every `--eval_every_epochs` K epochs
+(run_diverse.py's `--eval_strategy epoch` for K = 1; `--eval_strategy steps --eval_steps` K x the optimizer steps of
+one epoch, computed from the run's own training split and batch, for K > 1; `--eval_every_epochs 0`: only the final
+evaluation, as the runs of the 12-epoch study in docs/study). study.json keeps each run's curve, `[{"epoch", "top1"},
+...]` read from its trainer_state.json (it ends with the final evaluation at the last epoch); the report adds, per
+setting, the final and the best top-1 over the curve (both paired with the baseline, 95% CI), the epoch at which each
+run first reaches the baseline's mean final top-1, whether the baseline has converged (its mean curve gains less than
+0.5 points over the last 25% of its epochs, `diverse_vit_hf.study.convergence_check`), and `study_curves.png`.
+
+Does Diverse-ViT reach a better end point, or only train faster? The converged-budget study (3 arms x 2 settings x 5
+seeds = 30 runs, 4x the epochs of the 12-epoch study: about 4 h of training on the 2-core machine that ran that one,
+plus the evaluations):
+
+    python examples/study.py --arms baseline diverse patch --num_train_epochs 48 --eval_every_epochs 4 \
+        --torch_threads 2 --output_dir outputs/study_converged
+
 The study resumes: a run already in study.json with the same setting, arm, seed and flags is not trained again, and
-study.json is rewritten (atomically) after every run. Statistics: mean +/- sample std over seeds; against the
-baseline, the paired difference per seed (same seed = same initialisation, held-out split and data order) with a 95%
-Student t interval (`diverse_vit_hf.study`).
+study.json is rewritten (atomically) after every run, so an interrupted study continues where it stopped when the same
+command is run again. Folders in study.json (each run's `output_dir` and the `--output_dir` of its argv) are relative
+to the study folder and resolved against it when it is read, so a study folder copied to another machine resumes and
+reports there; a study.json of the first schema (absolute paths) still loads, its run folders taken as the
+`<setting>/<arm>/seed-<n>` folders of the study folder it is read from. Statistics: mean +/- sample std over seeds;
+against the baseline, the paired difference per seed (same seed = same initialisation, held-out split and data order)
+with a 95% Student t interval (`diverse_vit_hf.study`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib.util
 import json
@@ -42,13 +63,26 @@ from tqdm.auto import tqdm
 
 from diverse_vit_hf.analysis import SUMMARY_METRICS
 from diverse_vit_hf.fileio import atomic_write, atomic_write_text
-from diverse_vit_hf.study import STUDY_ARMS, study_statistics, t_quantile_method
+from diverse_vit_hf.study import (
+    CONVERGENCE_TOLERANCE,
+    CONVERGENCE_WINDOW,
+    STUDY_ARMS,
+    curve_from_log_history,
+    curve_statistics,
+    study_statistics,
+    t_quantile_method,
+)
 
 logger = logging.getLogger("study")
 RUN_DIVERSE = Path(__file__).resolve().parent / "run_diverse.py"
-SCHEMA_VERSION = 1
+# 2: accuracy curves, folders relative to the study folder; 1 (absolute folders, no curve) is still read.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 STUDY_JSON, STUDY_MD = "study.json", "study.md"
 PLOTS = {"accuracy": "study_accuracy.png", "paired": "study_paired_top1.png", "redundancy": "study_redundancy.png"}
+CURVES_PLOT = "study_curves.png"  # only when runs have accuracy curves
+# run_diverse.py flags whose value is a folder: written to study.json relative to the study folder.
+PATH_FLAGS = ("--output_dir",)
 
 ARMS = {name: (arm.description, arm.flags) for name, arm in STUDY_ARMS.items()}  # Mixup/CutMix on in all
 WIDTH_64 = ["--hidden_size", "64", "--num_attention_heads", "4", "--intermediate_size", "128"]
@@ -87,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_train_samples", type=int, help="Truncate the training split (smoke runs).")
     parser.add_argument("--max_eval_samples", type=int, help="Truncate the held-out split (smoke runs).")
     parser.add_argument(
+        "--eval_every_epochs",
+        type=int,
+        default=1,
+        help="Evaluate on the held-out split every this many epochs (the accuracy curve); 0: only at the end.",
+    )
+    parser.add_argument(
         "--extra",
         default="",
         help="More run_diverse.py flags for every run, one shell string: --extra='--use_cpu --drop_path_rate 0.1'.",
@@ -96,16 +136,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has duplicates: {args.seeds}")
+    if args.eval_every_epochs < 0:
+        parser.error(f"--eval_every_epochs must be >= 0 (0: evaluate only at the end), got {args.eval_every_epochs}")
     return args
 
 
-def run_argv(args: argparse.Namespace, setting: str, arm: str, seed: int) -> list[str]:
-    """The run_diverse.py flags of one run (without --output_dir); --extra comes last and wins."""
+def eval_flags(eval_every_epochs: int, epoch_steps: int | None = None) -> list[str]:
+    """run_diverse.py flags that evaluate every `eval_every_epochs` epochs (0: never during training).
+
+    Args:
+        eval_every_epochs: K; 1 uses the Trainer's epoch strategy, K > 1 its step strategy every K epochs.
+        epoch_steps: optimizer steps per epoch (`training_epoch_steps`); needed for K > 1.
+    """
+    if eval_every_epochs == 0:
+        return ["--eval_strategy", "no"]
+    if eval_every_epochs == 1:
+        return ["--eval_strategy", "epoch"]
+    if epoch_steps is None:
+        raise ValueError(f"--eval_every_epochs {eval_every_epochs} needs the number of optimizer steps per epoch.")
+    return ["--eval_strategy", "steps", "--eval_steps", str(eval_every_epochs * epoch_steps)]
+
+
+def run_argv(args: argparse.Namespace, setting: str, arm: str, seed: int, epoch_steps: int | None = None) -> list[str]:
+    """The run_diverse.py flags of one run (without --output_dir); --extra comes last and wins. `epoch_steps` (optimizer
+    steps per epoch) is needed for --eval_every_epochs > 1."""
     argv = ["--embedded_dataset", "mnist", "--train_val_split", str(args.train_val_split), *SETTINGS[setting][1],
             *ARMS[arm][1], "--num_train_epochs", str(args.num_train_epochs),
             "--per_device_train_batch_size", str(args.per_device_train_batch_size),
-            "--learning_rate", str(args.learning_rate), "--eval_strategy", "no", "--save_strategy", "no",
-            "--logging_steps", "50", "--disable_tqdm", "true", "--report_to", "none",
+            "--learning_rate", str(args.learning_rate), *eval_flags(args.eval_every_epochs, epoch_steps),
+            "--save_strategy", "no", "--logging_steps", "50", "--disable_tqdm", "true", "--report_to", "none",
             "--redundancy_images", str(args.redundancy_images), "--seed", str(seed)]  # fmt: skip
     for name in ("max_steps", "max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None:
@@ -132,31 +191,130 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     return values[-1] if values else None
 
 
+def run_folder(run: dict[str, Any]) -> str:
+    """Where the tool puts a run, relative to the study folder: `<setting>/<arm>/seed-<n>`."""
+    return f"{run['setting']}/{run['arm']}/seed-{run['seed']}"
+
+
+def portable_path(path: str, study_dir: Path) -> str:
+    """A folder as study.json stores it: relative to the study folder (POSIX separators) when inside it, else as is."""
+    try:
+        return Path(path).resolve().relative_to(study_dir.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def local_path(path: str, study_dir: Path, legacy_folder: str | None = None) -> str:
+    """A folder read from study.json: a relative one is resolved against the study folder. An absolute one ending in
+    `legacy_folder` (a schema-1 run's `<setting>/<arm>/seed-<n>`, where that tool always put it) is that folder of the
+    study folder it is read from; any other absolute folder stays as written."""
+    posix = Path(path).as_posix()
+    if not Path(path).is_absolute():
+        return str(study_dir / path)
+    if legacy_folder is not None and (posix == legacy_folder or posix.endswith("/" + legacy_folder)):
+        return str(study_dir / legacy_folder)
+    return path
+
+
+def map_run_paths(run: dict[str, Any], convert: Any) -> dict[str, Any]:
+    """A copy of a run with `convert` applied to its `output_dir` and to the values of PATH_FLAGS in its argv."""
+    run = dict(run)
+    if run.get("output_dir") is not None:
+        run["output_dir"] = convert(run["output_dir"])
+    argv = list(run.get("argv") or [])
+    for index, token in enumerate(argv):
+        if index > 0 and argv[index - 1] in PATH_FLAGS:
+            argv[index] = convert(token)
+        for flag in PATH_FLAGS:
+            if token.startswith(flag + "="):
+                argv[index] = f"{flag}={convert(token[len(flag) + 1 :])}"
+    run["argv"] = argv
+    return run
+
+
 def load_study(path: Path) -> dict[str, Any]:
+    """Read study.json (schema 1 or 2), its run folders resolved against the study folder (`local_path`)."""
     if not path.exists():
         return {"schema_version": SCHEMA_VERSION, "runs": []}
     study = json.loads(path.read_text(encoding="utf-8"))
-    if study.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path} has schema_version {study.get('schema_version')!r}; this script reads {SCHEMA_VERSION}."
-        )
+    version = study.get("schema_version")
+    if version not in READABLE_SCHEMAS:
+        raise ValueError(f"{path} has schema_version {version!r}; this script reads {list(READABLE_SCHEMAS)}.")
+    study_dir = path.parent
+    study["runs"] = [
+        map_run_paths(run, lambda p, run=run: local_path(p, study_dir, run_folder(run) if version == 1 else None))
+        for run in study["runs"]
+    ]
+    study["schema_version"] = SCHEMA_VERSION  # written as the current schema from now on
     return study
 
 
 def save_study(study: dict[str, Any], path: Path) -> None:
-    """Recompute the statistics from the runs, then write study.json atomically."""
+    """Recompute the statistics from the runs, then write study.json atomically, its folders relative to the study
+    folder (`portable_path`; `study` itself keeps them as they are)."""
     study["statistics"] = study_statistics(study["runs"])
+    study["curve_statistics"] = curve_statistics(study["runs"])
     study["statistics_method"] = {
         "summary": "mean and sample standard deviation (n - 1) over seeds",
         "paired": "arm - baseline per seed over the seeds both have; 95% CI mean +/- t(0.975, n - 1) std / sqrt(n)",
         "t_quantile": t_quantile_method(),
+        "curves": "held-out top-1 per evaluation epoch; mean curve: mean, sample std and 95% t CI per epoch over the "
+        "runs evaluated then; best_top1: the highest top-1 of a run's curve (best_epoch: the first epoch with it), "
+        "summarized and paired like the final top-1",
+        "epochs_to_baseline_final": "per run, the first evaluation epoch with top-1 >= the baseline's mean final top-1 "
+        "of the setting (None: never); reach: runs that reach it out of n, median epoch of those that do",
+        "convergence": convergence_criterion(),
     }
     study["arms"] = {name: {"description": d, "flags": f} for name, (d, f) in ARMS.items()}
     study["settings"] = {name: {"description": d, "flags": f} for name, (d, f) in SETTINGS.items()}
-    atomic_write_text(path, json.dumps(study, indent=2, allow_nan=False) + "\n")
+    portable = copy.copy(study)
+    portable["runs"] = [map_run_paths(run, lambda p: portable_path(p, path.parent)) for run in study["runs"]]
+    atomic_write_text(path, json.dumps(portable, indent=2, allow_nan=False) + "\n")
 
 
-def train_run(run_diverse: Any, argv: list[str], output_dir: Path, setting: str, arm: str, seed: int) -> dict:
+def convergence_criterion() -> str:
+    """The convergence criterion of the baseline, in words."""
+    return (
+        f"the baseline's mean curve gains less than {100 * CONVERGENCE_TOLERANCE:g} points of top-1 over the last "
+        f"{100 * CONVERGENCE_WINDOW:g}% of its epochs: from its last evaluation at or before epoch "
+        f"{1 - CONVERGENCE_WINDOW:g} E to its last evaluation E"
+    )
+
+
+def training_epoch_steps(run_diverse: Any, argv: list[str]) -> int:
+    """Optimizer steps per epoch of a run_diverse.py run: its argv parsed as run_diverse.py parses it, its training
+    split loaded as it loads it, and the Trainer's count (`diverse_vit_hf.recipe.update_steps_per_epoch`)."""
+    from transformers import HfArgumentParser
+
+    from diverse_vit_hf import DiverseTrainingArguments
+    from diverse_vit_hf.arguments import DataArguments, ModelArguments, RecipeArguments
+    from diverse_vit_hf.recipe import update_steps_per_epoch
+    from diverse_vit_hf.splits import load_splits
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, DiverseTrainingArguments))
+    parser.set_defaults(**run_diverse.DEMO_TRAINING_DEFAULTS)
+    _, data_args, _, training_args, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    train = load_splits(data_args, training_args.seed)[0]
+    return update_steps_per_epoch(len(train), training_args)
+
+
+def read_curve(output_dir: Path, since: float | None = None) -> list[dict[str, float]] | None:
+    """A run's accuracy curve from its trainer_state.json (None if missing, or older than `since`: a crashed run's)."""
+    state_path = output_dir / "trainer_state.json"
+    if not state_path.is_file() or (since is not None and state_path.stat().st_mtime < since):
+        return None
+    return curve_from_log_history(json.loads(state_path.read_text(encoding="utf-8")).get("log_history", []))
+
+
+def train_run(
+    run_diverse: Any,
+    argv: list[str],
+    output_dir: Path,
+    setting: str,
+    arm: str,
+    seed: int,
+    eval_every_epochs: int | None = None,
+) -> dict:
     """Train one run through run_diverse.main and read back what it wrote."""
     if output_dir.exists() and any(output_dir.iterdir()):
         argv = [*argv, "--overwrite_output_dir"]  # not in study.json: a crashed (or changed) run's folder
@@ -181,6 +339,8 @@ def train_run(run_diverse: Any, argv: list[str], output_dir: Path, setting: str,
             "wall_time_s": wall_time,
         },
         "redundancy": redundancy,
+        "eval_every_epochs": eval_every_epochs,
+        "curve": read_curve(output_dir, since=started),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -277,8 +437,124 @@ def plot_study(study: dict[str, Any], output_dir: Path) -> None:
             axis.set_yscale("log")
         axis.set_title(labels[key], fontsize=8)
         axis.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    if axes.flat[0].get_legend_handles_labels()[0]:  # runs without a redundancy summary plot nothing
+        axes.flat[0].legend(fontsize=8)
     save(figure, "redundancy")
+
+
+def plot_curves(study: dict[str, Any], output_dir: Path) -> bool:
+    """study_curves.png: mean held-out top-1 against epoch per arm (±1 std over seeds as a band), one subplot per
+    setting, the baseline's mean final top-1 dotted. Returns False (and writes nothing) when no run has a curve."""
+    curves = study.get("curve_statistics") or {}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = ordered(curves, SETTINGS)
+    figure, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.0), squeeze=False)
+    for axis, setting in zip(axes[0], settings, strict=True):
+        entry = curves[setting]
+        for arm in ordered(entry["arms"], ARMS):
+            color = f"C{list(ARMS).index(arm)}" if arm in ARMS else None
+            points = entry["arms"][arm]["mean_curve"]
+            epochs = [p["epoch"] for p in points]
+            means = [100 * p["mean"] for p in points]
+            stds = [100 * (p["std"] or 0.0) for p in points]
+            n = len(entry["arms"][arm]["seeds"])
+            axis.plot(epochs, means, "o-", color=color, markersize=3, label=f"{arm} (n={n})")
+            axis.fill_between(epochs, [m - d for m, d in zip(means, stds, strict=True)],
+                              [m + d for m, d in zip(means, stds, strict=True)], color=color, alpha=0.2)  # fmt: skip
+        if entry["baseline_final_mean"] is not None:
+            axis.axhline(100 * entry["baseline_final_mean"], color="gray", linestyle=":", linewidth=1,
+                         label="baseline mean final")  # fmt: skip
+        axis.set_title(f"{setting}: held-out top-1 (mean ± 1 std over seeds)", fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("held-out top-1 (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_write(output_dir / CURVES_PLOT, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+    return True
+
+
+def fmt_epoch(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return f"{epoch:g}" if abs(epoch - round(epoch)) < 1e-9 else f"{epoch:.2f}"
+
+
+def curve_section(study: dict[str, Any], setting: str) -> list[str]:
+    """The report's lines on accuracy against training time for one setting: final and best top-1 (paired with the
+    baseline), epoch to the baseline's mean final top-1, and the convergence statement."""
+    entry = (study.get("curve_statistics") or {}).get(setting)
+    if entry is None:
+        return ["", "No accuracy curve in this setting (its runs evaluated only at the end: `--eval_every_epochs 0`)."]
+    statistics = study["statistics"][setting]
+    target = entry["baseline_final_mean"]
+    target_text = "-" if target is None else f"{100 * target:.2f} %"
+    lines = [
+        "",
+        f"### {setting}: accuracy against training time",
+        "",
+        "Held-out top-1 measured during training (curves: `study_curves.png`). Final: at the end of training; best: "
+        "the highest top-1 on a run's curve (at its first epoch); reach: the runs whose curve reaches the baseline's "
+        f"mean final top-1 ({target_text}) out of the runs with a curve, and the median epoch at which those runs "
+        "first reach it. Wall times include the evaluations during training.",
+        "",
+        "| arm | seeds | final top-1 % | final - baseline, pp [95% CI] | best top-1 % | best - baseline, pp [95% CI] "
+        "| best at epoch | reach baseline's final | median epoch to reach it |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in ordered(statistics, ARMS):
+        summary, paired = statistics[arm]["summary"], statistics[arm]["paired"] or {}
+        curve_entry = entry["arms"].get(arm)
+        reach = (curve_entry or {}).get("reach")
+        reference = arm == "baseline"
+        lines.append(
+            f"| {arm} | {len(statistics[arm]['seeds'])} | {fmt(summary['top1'], 100)} | "
+            f"{'(reference)' if reference else fmt_paired(paired.get('top1'))} | "
+            f"{fmt(summary.get('best_top1', {'mean': None}), 100)} | "
+            f"{'(reference)' if reference else fmt_paired(paired.get('best_top1'))} | "
+            f"{fmt(summary.get('best_epoch', {'mean': None}), 1, 1)} | "
+            f"{'-' if reach is None else str(reach['reached']) + '/' + str(reach['n'])} | "
+            f"{'-' if reach is None or reach['median_epoch'] is None else fmt_epoch(reach['median_epoch'])} |"
+        )
+    lines += ["", convergence_statement(entry["convergence"])]
+    return lines
+
+
+def convergence_statement(convergence: dict[str, Any] | None) -> str:
+    """The report's sentence on whether the baseline has converged (`convergence_criterion`)."""
+    head = f"**Convergence of the baseline.** Criterion: {convergence_criterion()}."
+    if convergence is None:
+        return f"{head} Not assessed: no baseline run of this setting has an accuracy curve."
+    if convergence["holds"] is None:
+        end = fmt_epoch(convergence["end_epoch"])
+        return (
+            f"{head} Not assessed: the baseline's curve has no evaluation at or before epoch "
+            f"{fmt_epoch((1 - convergence['window']) * (convergence['end_epoch'] or 0))} (its last is epoch {end}); "
+            "evaluate more often (`--eval_every_epochs`)."
+        )
+    verdict = (
+        "**the criterion holds**: the baseline's top-1 has levelled off within this budget"
+        if convergence["holds"]
+        else "**the criterion does not hold**: the baseline is still improving at the end of this budget, so its "
+        "final top-1 under-states where it would end with more epochs"
+    )
+    seed_gain = convergence.get("seed_gain")
+    per_seed = f" Per seed, over the same epochs: {fmt_paired(seed_gain)} pp." if seed_gain else ""
+    return (
+        f"{head} The mean curve went from {100 * convergence['start']:.2f} % at epoch "
+        f"{fmt_epoch(convergence['start_epoch'])} to {100 * convergence['end']:.2f} % at epoch "
+        f"{fmt_epoch(convergence['end_epoch'])}: a gain of {100 * convergence['gain']:+.2f} points, so {verdict}."
+        f"{per_seed} (run_diverse.py's cosine schedule takes the learning rate to 0 at the end of any budget, which "
+        "flattens the end of every curve: the criterion says the baseline stopped improving within this budget; "
+        "whether a longer budget ends higher is what a study with more epochs tests.)"
+    )
 
 
 def relative_folder(folder: str, output_dir: Path | None) -> str:
@@ -316,6 +592,9 @@ def render_report(study: dict[str, Any], output_dir: Path | None = None) -> str:
         budget = f"{epochs} epochs" + (f" (max {steps} steps)" if steps else "") + f", batch {batch}, lr {lr}"
         if max_train or max_eval:
             budget += f", max {max_train} training / {max_eval} held-out images"
+        every = sorted({r.get("eval_every_epochs") or 0 for r in setting_runs})  # 0: only the final evaluation
+        if every != [0]:
+            budget += f", held-out top-1 every {' / '.join(map(str, every))} epoch(s) during training"
         lines += ["", f"## {setting}: {SETTINGS.get(setting, ('?',))[0]}", "", f"Budget of every run: {budget}."]
         if len(budgets) > 1:
             lines += ["", f"**Warning: the runs of this setting do not share one budget: {sorted(budgets, key=str)}.**"]
@@ -332,6 +611,7 @@ def render_report(study: dict[str, Any], output_dir: Path | None = None) -> str:
                 f"{fmt(s['eval_loss'], 1, 4)} | {fmt_paired(paired) if arm != 'baseline' else '(reference)'} | "
                 f"{fmt(s['wall_time_s'], 1, 0)} |"
             )
+        lines += curve_section(study, setting)
         arms = ordered(statistics[setting], ARMS)
         lines += ["", "Redundancy of the final models (mean ± std over seeds):", ""]
         lines += ["| metric | better | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
@@ -347,6 +627,8 @@ def render_report(study: dict[str, Any], output_dir: Path | None = None) -> str:
                     cells = [fmt_paired(statistics[setting][a]["paired"].get(metric.key), 1, "+.3g") for a in compared]
                     lines.append(f"| {metric.label} | {metric.better} | " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in PLOTS.items()]
+    if study.get("curve_statistics"):
+        lines.append(f"![curves]({CURVES_PLOT})")
     lines += ["", "## Runs", "", "| setting | arm | seed | top-1 % | top-5 % | eval loss | wall time (s) | folder |"]
     lines.append("|---|---|---|---|---|---|---|---|")
     for r in sorted(runs, key=lambda r: (r["setting"], list(ARMS).index(r["arm"]), r["seed"])):
@@ -365,7 +647,24 @@ def render_report(study: dict[str, Any], output_dir: Path | None = None) -> str:
 
 def write_report(study: dict[str, Any], output_dir: Path) -> Path:
     plot_study(study, output_dir)
+    plot_curves(study, output_dir)
     return atomic_write_text(output_dir / STUDY_MD, render_report(study, output_dir))
+
+
+def check_curve_epochs(run: dict[str, Any], eval_every_epochs: int) -> None:
+    """Warn when a run's evaluations (all but the final one) did not fall on multiples of --eval_every_epochs."""
+    if not eval_every_epochs or not run.get("curve"):
+        return
+    epochs = [point["epoch"] for point in run["curve"][:-1]]
+    off = [e for e in epochs if abs(e / eval_every_epochs - round(e / eval_every_epochs)) > 1e-6]
+    if off:
+        logger.warning(
+            "%s: evaluated at epochs %s, not every %d epoch(s): the Trainer's epoch length differs from the one "
+            "computed for --eval_steps.",
+            run_folder(run),
+            off,
+            eval_every_epochs,
+        )
 
 
 def load_run_diverse() -> Any:
@@ -391,8 +690,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = [] if args.report_only else [(s, a, seed) for seed in args.seeds for s in args.settings for a in args.arms]
     trained = skipped = 0
     run_diverse = load_run_diverse() if plan else None
+    epoch_steps: dict[int, int] = {}  # seed -> optimizer steps per epoch (--eval_every_epochs > 1)
     for setting, arm, seed in tqdm(plan, desc="study runs", unit="run"):
-        argv_run = run_argv(args, setting, arm, seed)
+        if args.eval_every_epochs > 1 and seed not in epoch_steps:
+            probe = run_argv(argparse.Namespace(**{**vars(args), "eval_every_epochs": 0}), setting, arm, seed)
+            epoch_steps[seed] = training_epoch_steps(run_diverse, probe)
+        argv_run = run_argv(args, setting, arm, seed, epoch_steps.get(seed))
         same = [r for r in study["runs"] if (r["setting"], r["arm"], r["seed"]) == (setting, arm, seed)]
         if any(run_key(r["argv"]) == argv_run for r in same):
             skipped += 1
@@ -402,12 +705,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "%s/%s/seed-%d: flags changed since study.json's run; training it again.", setting, arm, seed
             )
         run_dir = output_dir / setting / arm / f"seed-{seed}"
-        record = train_run(run_diverse, argv_run, run_dir, setting, arm, seed)
+        record = train_run(run_diverse, argv_run, run_dir, setting, arm, seed, args.eval_every_epochs)
+        check_curve_epochs(record, args.eval_every_epochs)
         study["runs"] = [r for r in study["runs"] if r not in same] + [record]
         save_study(study, study_path)
         trained += 1
     save_study(study, study_path)
     report = write_report(study, output_dir)
+    for setting, entry in study["curve_statistics"].items():
+        convergence = entry["convergence"]
+        if convergence is not None and convergence["holds"] is not None:
+            print(
+                f"{setting}: the baseline's mean top-1 gained {100 * convergence['gain']:+.2f} points from epoch "
+                f"{fmt_epoch(convergence['start_epoch'])} to {fmt_epoch(convergence['end_epoch'])}: the convergence "
+                f"criterion {'holds' if convergence['holds'] else 'does not hold'}."
+            )
     print(f"\nTrained {trained} run(s), {skipped} already in {study_path}. Report: {report}")
     return {"trained": trained, "skipped": skipped, "study": study}
 
