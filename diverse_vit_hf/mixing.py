@@ -17,22 +17,55 @@ import torch
 
 @dataclass
 class MixedBatch:
-    """Output of `PatchMixupCutmix`.
+    """Output of `PatchMixupCutmix`: the mixed images and their targets in two-label form.
+
+    Every target is a mix of two smoothed one-hot labels, that of the original image (`labels`) and that of its
+    partner (`partner_labels`), with the weight of the original's label per patch in `patch_weights`. The `(B, P, C)`
+    per-patch probabilities are only built when asked for (`patch_targets`): `patch_mixing_loss_two_label` computes
+    the same loss from the two labels without them.
 
     Attributes:
         pixel_values: `(B, C, H, W)` mixed images.
         targets: `(B, num_classes)` image-level soft targets (label smoothing applied before mixing).
-        patch_targets: `(B, P, num_classes)` per-patch soft targets, patches in row-major order as ViT
-            flattens them.
         lam: weight of the original image in the mix (box-area corrected for CutMix; 1.0 when not mixed).
         mode: `"mixup"`, `"cutmix"` or `"none"`.
+        labels: `(B,)` class indices of the original images.
+        partner_labels: `(B,)` class indices of the images mixed in (the batch reversed; `labels` when not mixed).
+        patch_weights: `(P,)` float32 weight of `labels` in each patch's target, patches in row-major order as ViT
+            flattens them (CutMix: the patch's pixel fraction outside the box; Mixup: `lam`; not mixed: 1).
+        label_smoothing: the smoothing applied to each one-hot label before mixing.
     """
 
     pixel_values: torch.Tensor
     targets: torch.Tensor
-    patch_targets: torch.Tensor
     lam: float
     mode: str
+    labels: torch.Tensor
+    partner_labels: torch.Tensor
+    patch_weights: torch.Tensor
+    label_smoothing: float
+
+    @property
+    def patch_targets(self) -> torch.Tensor:
+        """`(B, P, num_classes)` per-patch soft targets (built on each access)."""
+        num_classes = self.targets.shape[-1]
+        own = smoothed_one_hot(self.labels, num_classes, self.label_smoothing).unsqueeze(1)
+        if self.mode == "none":
+            return own.expand(-1, self.patch_weights.shape[0], -1).contiguous()
+        partner = smoothed_one_hot(self.partner_labels, num_classes, self.label_smoothing).unsqueeze(1)
+        if self.mode == "mixup":  # every patch carries the image-level target
+            return self.targets.unsqueeze(1).expand(-1, self.patch_weights.shape[0], -1).contiguous()
+        weights = self.patch_weights.view(1, -1, 1)
+        return weights * own + (1.0 - weights) * partner
+
+
+def unmixed_batch(
+    pixel_values: torch.Tensor, labels: torch.Tensor, num_classes: int, num_patches: int, label_smoothing: float
+) -> MixedBatch:
+    """A batch that is not mixed, in `MixedBatch` form (smoothed targets, every patch with the image's label)."""
+    targets = smoothed_one_hot(labels, num_classes, label_smoothing)
+    weights = torch.ones(num_patches, device=labels.device, dtype=torch.float32)
+    return MixedBatch(pixel_values, targets, 1.0, "none", labels, labels, weights, label_smoothing)
 
 
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -192,7 +225,6 @@ class PatchMixupCutmix:
             raise ValueError(f"`labels` must have shape ({batch},) to match the images, got {tuple(labels.shape)}.")
         rows, cols = check_patch_grid(height, width, self.patch_size)
         num_patches = rows * cols
-        targets = smoothed_one_hot(labels, self.num_classes, self.label_smoothing)
         mode, lam = self._choose()
         if mode != "none" and batch < 2:
             raise ValueError(
@@ -200,26 +232,22 @@ class PatchMixupCutmix:
                 "of 1. Increase the per-device batch size, or pass --no_mixing."
             )
         if mode == "none":
-            patch_targets = targets.unsqueeze(1).expand(batch, num_patches, self.num_classes)
-            return MixedBatch(pixel_values, targets, patch_targets.contiguous(), 1.0, mode)
-
-        partner_images = pixel_values.flip(0)
+            return unmixed_batch(pixel_values, labels, self.num_classes, num_patches, self.label_smoothing)
+        targets = smoothed_one_hot(labels, self.num_classes, self.label_smoothing)
+        partner_images, partner_labels = pixel_values.flip(0), labels.flip(0)
         partner_targets = targets.flip(0)
         if mode == "mixup":
             mixed = pixel_values * lam + partner_images * (1.0 - lam)
             image_targets = targets * lam + partner_targets * (1.0 - lam)
-            patch_targets = image_targets.unsqueeze(1).expand(batch, num_patches, self.num_classes).contiguous()
-            return MixedBatch(mixed, image_targets, patch_targets, lam, mode)
-
-        top, bottom, left, right = cutmix_box(height, width, lam)
-        mixed = pixel_values.clone()
-        mixed[:, :, top:bottom, left:right] = partner_images[:, :, top:bottom, left:right]
-        lam = 1.0 - (bottom - top) * (right - left) / (height * width)
-        image_targets = targets * lam + partner_targets * (1.0 - lam)
-        keep = patch_keep_fractions(height, width, (top, bottom, left, right), self.patch_size, targets.device)
-        keep = keep.view(1, num_patches, 1)
-        patch_targets = keep * targets.unsqueeze(1) + (1.0 - keep) * partner_targets.unsqueeze(1)
-        return MixedBatch(mixed, image_targets, patch_targets, lam, mode)
+            weights = torch.full((num_patches,), lam, device=labels.device, dtype=torch.float32)
+        else:
+            top, bottom, left, right = cutmix_box(height, width, lam)
+            mixed = pixel_values.clone()
+            mixed[:, :, top:bottom, left:right] = partner_images[:, :, top:bottom, left:right]
+            lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+            image_targets = targets * lam + partner_targets * (1.0 - lam)
+            weights = patch_keep_fractions(height, width, (top, bottom, left, right), self.patch_size, labels.device)
+        return MixedBatch(mixed, image_targets, lam, mode, labels, partner_labels, weights, self.label_smoothing)
 
 
 class PatchMixCollator:
@@ -255,4 +283,5 @@ __all__ = [
     "cutmix_box",
     "patch_keep_fractions",
     "smoothed_one_hot",
+    "unmixed_batch",
 ]

@@ -24,7 +24,7 @@ from torch import nn
 
 from .configuration import DiversityConfig
 from .distributed import broadcast_start_vectors, has_dtensor_parameters
-from .mixing import PatchMixupCutmix, check_patch_grid, smoothed_one_hot
+from .mixing import MixedBatch, PatchMixupCutmix, check_patch_grid, unmixed_batch
 from .modeling import DiverseImageClassifierOutput, DiverseModelMixin
 from .regularizers import (
     PowerIterationState,
@@ -32,6 +32,7 @@ from .regularizers import (
     patch_contrastive_loss,
     patch_cosine_loss,
     patch_mixing_loss,
+    patch_mixing_loss_two_label,
     soft_target_cross_entropy,
     weight_condition_loss,
 )
@@ -172,10 +173,11 @@ class DiversityObjective:
         return [term for term in self.terms if getattr(self.config, term.coefficient) > 0]
 
     def targets(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(pixel_values (B, C_in, H, W), targets (B, C), patch_targets (B, P, C))` of a training batch.
+        """`(pixel_values (B, C_in, H, W), targets (B, C), patch_targets (B, P, C))` of a training batch, the targets
+        built as probabilities.
 
         A batch that was mixed already (`patch_labels` present, e.g. by `PatchMixCollator`) is used as it is; class
-        indices are mixed here (a single image cannot be mixed: it is trained unmixed) or smoothed.
+        indices are mixed here (a single image cannot be mixed: it is trained unmixed) or smoothed (`mix`).
         """
         pixel_values, labels = batch["pixel_values"], batch["labels"]
         if "patch_labels" in batch:
@@ -185,14 +187,21 @@ class DiversityObjective:
                 "Soft `labels` need matching `patch_labels` (B, P, C); pass class indices and let the objective mix, "
                 "or use PatchMixCollator."
             )
+        mixed = self.mix(batch)
+        return mixed.pixel_values, mixed.targets, mixed.patch_targets
+
+    def mix(self, batch: dict[str, Any]) -> MixedBatch | None:
+        """The training batch mixed here (or smoothed, unmixed), in two-label form; None for a batch that was mixed
+        already (`patch_labels` present) or carries soft labels, whose targets `targets` returns as they are."""
+        pixel_values, labels = batch["pixel_values"], batch["labels"]
+        if "patch_labels" in batch or labels.is_floating_point():
+            return None
         # The configured batch size is >= 2 where mixing is on: a batch of one is an epoch's incomplete last batch or
         # what is left after skipping unreadable images.
         if self.mixer is not None and pixel_values.shape[0] >= 2:
-            mixed = self.mixer(pixel_values, labels)
-            return mixed.pixel_values, mixed.targets, mixed.patch_targets
+            return self.mixer(pixel_values, labels)
         rows, cols = check_patch_grid(*pixel_values.shape[-2:], self.patch_size)
-        targets = smoothed_one_hot(labels, self.num_labels, self.label_smoothing)
-        return pixel_values, targets, targets.unsqueeze(1).expand(-1, rows * cols, -1)
+        return unmixed_batch(pixel_values, labels, self.num_labels, rows * cols, self.label_smoothing)
 
     def __call__(
         self, model: nn.Module, batch: dict[str, Any], unwrapped_model: DiverseModelMixin | None = None
@@ -208,10 +217,25 @@ class DiversityObjective:
         """
         unwrapped = unwrapped_model if unwrapped_model is not None else model
         check_patch_grid(*batch["pixel_values"].shape[-2:], self.patch_size)
-        pixel_values, targets, patch_targets = self.targets(batch)
+        mixed = self.mix(batch)
+        if mixed is None:  # mixed already (PatchMixCollator): the targets are given as probabilities
+            pixel_values, targets, patch_targets = self.targets(batch)
+        else:
+            pixel_values, targets = mixed.pixel_values, mixed.targets
         outputs = model(pixel_values=pixel_values, return_diversity_outputs=self.config.needs_diversity_outputs)
-        if self.config.patch_mixing_loss:
-            # The image-level term reads the model's image logits: token 0's for CLS heads, the pooled head's else.
+        # The image-level term reads the model's image logits: token 0's for CLS heads, the pooled head's else.
+        if self.config.patch_mixing_loss and mixed is not None:
+            loss = patch_mixing_loss_two_label(
+                outputs.token_logits,
+                outputs.logits,
+                mixed.labels,
+                mixed.partner_labels,
+                mixed.lam,
+                mixed.patch_weights,
+                mixed.label_smoothing,
+                unwrapped.num_prefix_tokens,
+            )
+        elif self.config.patch_mixing_loss:
             loss = patch_mixing_loss(
                 outputs.token_logits, targets, patch_targets, unwrapped.num_prefix_tokens, image_logits=outputs.logits
             )

@@ -386,12 +386,93 @@ def patch_mixing_loss(
     return soft_target_cross_entropy(logits.reshape(-1, classes), flat_targets)
 
 
+def two_label_cross_entropy_sum(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    partner_labels: torch.Tensor,
+    weights: torch.Tensor,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Summed cross-entropy against targets that mix two smoothed one-hot labels, without building the targets.
+
+    Row r's target is `w_r * s(a_r) + (1 - w_r) * s(b_r)` with `s(y) = (1 - eps) * onehot(y) + eps / C`, so its
+    cross-entropy is `logsumexp(z_r) - (1 - eps) * (w_r * z_r[a_r] + (1 - w_r) * z_r[b_r]) - eps / C * sum_c z_r[c]`.
+    The same value as `soft_target_cross_entropy` on the built targets (times the row count), with no `(..., C)`
+    target, log-probability or product tensor.
+
+    Args:
+        logits: `(B, ..., C)` logits (any float dtype; computed in float32).
+        labels, partner_labels: `(B,)` class indices `a` and `b`, shared by every row of a sample.
+        weights: the weight `w` of `labels`, broadcastable to `logits.shape[:-1]` (e.g. `(P,)` per patch, or a
+            0-d tensor).
+        label_smoothing: `eps` in [0, 1).
+
+    Returns:
+        Float32 scalar: the sum over all rows.
+    """
+    with _no_autocast(logits):
+        logits = logits.float()
+        classes = logits.shape[-1]
+        index_shape = (labels.shape[0],) + (1,) * (logits.ndim - 1)
+        expanded = (*logits.shape[:-1], 1)
+        own = logits.gather(-1, labels.view(index_shape).expand(expanded)).squeeze(-1)
+        partner = logits.gather(-1, partner_labels.view(index_shape).expand(expanded)).squeeze(-1)
+        mixed = weights * own + (1.0 - weights) * partner
+        per_row = torch.logsumexp(logits, dim=-1) - (1.0 - label_smoothing) * mixed
+        if label_smoothing > 0:
+            per_row = per_row - (label_smoothing / classes) * logits.sum(dim=-1)
+        return per_row.sum()
+
+
+def patch_mixing_loss_two_label(
+    token_logits: torch.Tensor,
+    image_logits: torch.Tensor,
+    labels: torch.Tensor,
+    partner_labels: torch.Tensor,
+    lam: float,
+    patch_weights: torch.Tensor,
+    label_smoothing: float,
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """`patch_mixing_loss` for targets in the two-label form of `mixing.MixedBatch`, equal to it (to float32
+    rounding) on the built targets, without building the `(B, P, C)` targets or concatenating the logits.
+
+    Args:
+        token_logits: `(B, N, C)` classifier logits of every token; tokens `K:` are the patches.
+        image_logits: `(B, C)` the image logits (token 0's for CLS heads, the pooled head's else).
+        labels, partner_labels: `(B,)` the two labels of each sample.
+        lam: the image-level weight of `labels`.
+        patch_weights: `(P,)` the weight of `labels` in each patch's target.
+        label_smoothing: the smoothing of each one-hot label before mixing.
+        num_prefix_tokens: K.
+
+    Returns:
+        Float32 scalar: `(CE(image) + sum_p CE(patch p)) / (1 + P)`, mean over the batch.
+    """
+    batch, tokens, classes = token_logits.shape
+    num_patches = tokens - num_prefix_tokens
+    if tuple(image_logits.shape) != (batch, classes) or tuple(patch_weights.shape) != (num_patches,):
+        raise ValueError(
+            f"With token_logits of shape {tuple(token_logits.shape)} and {num_prefix_tokens} prefix token(s), "
+            f"`image_logits` must have shape {(batch, classes)} and `patch_weights` {(num_patches,)}; got "
+            f"{tuple(image_logits.shape)} and {tuple(patch_weights.shape)}."
+        )
+    lam_tensor = torch.tensor(lam, device=image_logits.device, dtype=torch.float32)
+    image = two_label_cross_entropy_sum(image_logits, labels, partner_labels, lam_tensor, label_smoothing)
+    patches = two_label_cross_entropy_sum(
+        token_logits[:, num_prefix_tokens:], labels, partner_labels, patch_weights, label_smoothing
+    )
+    return (image + patches) / (batch * (1 + num_patches))
+
+
 __all__ = [
     "PowerIterationState",
     "attention_cosine_loss",
     "patch_contrastive_loss",
     "patch_cosine_loss",
     "patch_mixing_loss",
+    "patch_mixing_loss_two_label",
     "soft_target_cross_entropy",
+    "two_label_cross_entropy_sum",
     "weight_condition_loss",
 ]

@@ -743,3 +743,82 @@ def test_persistent_state_recovers_after_an_all_zero_matrix():
         estimate = weight_condition_loss(weight, state=state, num_iterations=3)
     exact = weight_condition_loss(weight, estimator="exact")
     torch.testing.assert_close(estimate, exact, rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The patch-wise loss in two-label form (no (B, P, C) targets)
+
+
+@pytest.mark.parametrize("mode", ["cutmix", "mixup", "none"])
+@pytest.mark.parametrize("num_prefix_tokens", [1, 2])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_two_label_patch_loss_equals_the_loss_on_built_targets(mode, num_prefix_tokens, smoothing):
+    from diverse_vit_hf.mixing import PatchMixupCutmix
+    from diverse_vit_hf.regularizers import patch_mixing_loss_two_label
+
+    torch.manual_seed(0)
+    batch, classes, patch = 5, 7, 4
+    mixer = PatchMixupCutmix(
+        classes,
+        patch,
+        mixup_alpha=0.0 if mode == "cutmix" else 0.8,
+        cutmix_alpha=1.0 if mode == "cutmix" else 0.0,
+        prob=0.0 if mode == "none" else 1.0,
+        label_smoothing=smoothing,
+    )
+    mixed = mixer(torch.randn(batch, 3, 16, 12), torch.randint(0, classes, (batch,)))
+    assert mixed.mode == mode
+    num_patches = mixed.patch_weights.shape[0]
+    token_logits = torch.randn(batch, num_prefix_tokens + num_patches, classes, dtype=torch.float64) * 3
+    image_logits = torch.randn(batch, classes, dtype=torch.float64) * 3
+    reference_inputs = [token_logits.clone().requires_grad_(), image_logits.clone().requires_grad_()]
+    inputs = [token_logits.float().requires_grad_(), image_logits.float().requires_grad_()]
+    # Reference: the built targets, in float64, through the loss that takes probabilities.
+    reference = patch_mixing_loss(
+        reference_inputs[0], mixed.targets.double(), mixed.patch_targets.double(), num_prefix_tokens,
+        image_logits=reference_inputs[1],
+    )  # fmt: skip
+    got = patch_mixing_loss_two_label(
+        inputs[0], inputs[1], mixed.labels, mixed.partner_labels, mixed.lam, mixed.patch_weights, smoothing,
+        num_prefix_tokens,
+    )  # fmt: skip
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(reference.item(), rel=1e-6)
+    reference.backward()
+    got.backward()
+    for ours, theirs in zip(inputs, reference_inputs, strict=True):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_two_label_cross_entropy_sum_against_a_loop():
+    from diverse_vit_hf.regularizers import two_label_cross_entropy_sum
+
+    torch.manual_seed(1)
+    logits, eps = torch.randn(3, 4, 6), 0.2
+    labels, partners = torch.tensor([0, 5, 2]), torch.tensor([1, 5, 3])
+    weights = torch.rand(4)
+    expected = 0.0
+    for b in range(3):
+        for p in range(4):
+            target = torch.full((6,), eps / 6)
+            target[labels[b]] += (1 - eps) * weights[p]
+            target[partners[b]] += (1 - eps) * (1 - weights[p])
+            expected += -(target * torch.log_softmax(logits[b, p], dim=-1)).sum().item()
+    got = two_label_cross_entropy_sum(logits, labels, partners, weights, eps)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_two_label_patch_loss_under_bf16_autocast_is_computed_in_float32():
+    from diverse_vit_hf.regularizers import patch_mixing_loss_two_label
+
+    token_logits = torch.randn(2, 5, 3).bfloat16()
+    image_logits = torch.randn(2, 3).bfloat16()
+    labels, weights = torch.tensor([0, 2]), torch.rand(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = patch_mixing_loss_two_label(token_logits, image_logits, labels, labels.flip(0), 0.7, weights, 0.1)
+    in_float32 = patch_mixing_loss_two_label(
+        token_logits.float(), image_logits.float(), labels, labels.flip(0), 0.7, weights, 0.1
+    )
+    assert got.dtype == torch.float32 and torch.equal(got, in_float32)
+    with pytest.raises(ValueError, match="`patch_weights` \\(4,\\)"):
+        patch_mixing_loss_two_label(token_logits, image_logits, labels, labels, 0.7, torch.rand(3), 0.1)
