@@ -28,9 +28,11 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,10 +80,51 @@ class Result:
     description: str
     seconds: list[float] = field(default_factory=list)
     memory_bytes: int = 0
+    rss_peak_bytes: list[int] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+
+class RssPeakMeter:
+    """Peak rise of the process's resident memory during a step, sampled every ~0.2 ms by a thread reading
+    /proc/self/statm (Linux). Run with `MALLOC_MMAP_THRESHOLD_=65536` so that glibc returns freed tensors to the
+    system and the rise is the step's own peak, transient tensors included (the saved-activation count misses
+    them)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.available = os.path.exists("/proc/self/statm")
+        self.peak = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * self.page
+
+    @contextlib.contextmanager
+    def measure(self):
+        if not self.available:
+            self.peak = 0
+            yield
+            return
+        base = self._rss()
+        highest = [base]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                highest[0] = max(highest[0], self._rss())
+                time.sleep(0.0002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            done.set()
+            sampler.join()
+            self.peak = max(highest[0], self._rss()) - base
 
 
 class SavedTensorMeter:
@@ -115,6 +158,22 @@ def vit_config(name: str, image_size: int | None = None) -> ViTConfig:
     if image_size is not None:
         values["image_size"] = image_size
     return ViTConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **values)
+
+
+def plain_timm_vit(config: ViTConfig) -> torch.nn.Module:
+    """timm's own `VisionTransformer` with the sizes of `config` (what `timm.create_model("deit_tiny_patch16_224")`
+    builds for DeiT-Tiny), no dropout: the reference implementation the HF step is compared with."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        num_classes=config.num_labels,
+    )
 
 
 def make_trainer(model, device: str, **overrides) -> DiverseTrainer:
@@ -160,6 +219,15 @@ def build_variants(
         return F.cross_entropy(plain(pixel_values=mixed.pixel_values).logits.float(), mixed.targets)
 
     add("a", "plain HF ViT (SDPA), Mixup/CutMix + CE", plain, plain_loss)
+
+    if only is None or "t" in only:
+        timm_model = plain_timm_vit(config).to(device).train()
+
+        def timm_loss() -> torch.Tensor:
+            mixed = mixer(batch["pixel_values"], batch["labels"])
+            return F.cross_entropy(timm_model(mixed.pixel_values).float(), mixed.targets)
+
+        add("t", "plain timm VisionTransformer (fused attention), Mixup/CutMix + CE", timm_model, timm_loss)
 
     diverse = ours()
     trainer = make_trainer(diverse, device, **ALL_TERMS)
@@ -233,28 +301,32 @@ def run(args: argparse.Namespace) -> dict:
     optimizers = {key: torch.optim.AdamW(model.parameters(), lr=1e-4) for key, (_, _, model) in variants.items()}
     meter = SavedTensorMeter()
     cuda = device.startswith("cuda")
+    rss = RssPeakMeter()
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    def step(key: str, measure_memory: bool = False) -> float:
+    def step(key: str, measure_memory: bool = False, measure_rss: bool = False) -> float:
         result, loss_fn, model = variants[key]
         optimizer = optimizers[key]
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with autocast(), meter.measure(model) if measure_memory else contextlib.nullcontext():
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        sync()
-        elapsed = time.perf_counter() - start
+        with rss.measure() if measure_rss else contextlib.nullcontext():
+            start = time.perf_counter()
+            with autocast(), meter.measure(model) if measure_memory else contextlib.nullcontext():
+                loss = loss_fn()
+            loss.backward()
+            optimizer.step()
+            sync()
+            elapsed = time.perf_counter() - start
         if measure_memory:
             result.memory_bytes = torch.cuda.max_memory_allocated() - base if cuda else meter.total
+        if measure_rss:
+            result.rss_peak_bytes.append(rss.peak)
         return elapsed
 
     for key in variants:
@@ -264,6 +336,12 @@ def run(args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         for key in variants:  # alternate so that machine noise hits every variant alike
             variants[key][0].seconds.append(step(key))
+    # The RSS rise is the CPU's peak memory (on CUDA the allocator's peak is measured above). Its sampling thread
+    # takes CPU time, so these steps are separate from the timed ones.
+    if not cuda and rss.available:
+        for _ in range(3):
+            for key in variants:
+                step(key, measure_rss=True)
 
     results = {key: variants[key][0] for key in variants}
     report = {
@@ -287,6 +365,7 @@ def run(args: argparse.Namespace) -> dict:
                 "median_s": r.median,
                 "images_per_s": args.batch_size / r.median,
                 "memory_mib": r.memory_bytes / 2**20,
+                "rss_peak_mib": statistics.median(r.rss_peak_bytes) / 2**20 if r.rss_peak_bytes else None,
                 "seconds": r.seconds,
             }
             for key, r in results.items()
@@ -297,6 +376,16 @@ def run(args: argparse.Namespace) -> dict:
             "time": results["b"].median / results["a"].median,
             "memory": results["b"].memory_bytes / max(results["a"].memory_bytes, 1),
         }
+        if results["a"].rss_peak_bytes and results["b"].rss_peak_bytes:
+            report["ratio_b_over_a"]["rss_peak"] = statistics.median(results["b"].rss_peak_bytes) / max(
+                statistics.median(results["a"].rss_peak_bytes), 1
+            )
+    if "a" in results and "t" in results:
+        report["ratio_a_over_t"] = {"time": results["a"].median / results["t"].median}
+        if results["a"].rss_peak_bytes and results["t"].rss_peak_bytes:
+            report["ratio_a_over_t"]["rss_peak"] = statistics.median(results["a"].rss_peak_bytes) / max(
+                statistics.median(results["t"].rss_peak_bytes), 1
+            )
     if "b" in results and "c" in results:
         report["ratio_c_over_b"] = {
             "time": results["c"].median / results["b"].median,
@@ -313,15 +402,21 @@ def print_table(report: dict) -> None:
         f"torch {report['torch']}, transformers {report['transformers']}; median of {report['repeats']} "
         f"alternating steps; memory = {report['memory_kind']}"
     )
-    print(f"{'variant':<16} {'step ms':>9} {'img/s':>8} {'mem MiB':>9}  description")
+    print(f"{'variant':<16} {'step ms':>9} {'img/s':>8} {'mem MiB':>9} {'RSS MiB':>9}  description")
     for key, row in report["variants"].items():
+        peak = f"{row['rss_peak_mib']:>9.1f}" if row.get("rss_peak_mib") is not None else f"{'-':>9}"
         print(
-            f"{key:<16} {row['median_s'] * 1e3:>9.1f} {row['images_per_s']:>8.1f} {row['memory_mib']:>9.1f}  "
+            f"{key:<16} {row['median_s'] * 1e3:>9.1f} {row['images_per_s']:>8.1f} {row['memory_mib']:>9.1f} {peak}  "
             f"{row['description']}"
         )
+    if "ratio_a_over_t" in report:
+        r = report["ratio_a_over_t"]
+        extra = f"  peak RSS {r['rss_peak']:.3f}" if "rss_peak" in r else ""
+        print(f"a/t: time {r['time']:.3f}{extra}")
     if "ratio_b_over_a" in report:
         r = report["ratio_b_over_a"]
-        print(f"b/a: time {r['time']:.3f}  memory {r['memory']:.3f}")
+        extra = f"  peak RSS {r['rss_peak']:.3f}" if "rss_peak" in r else ""
+        print(f"b/a: time {r['time']:.3f}  memory {r['memory']:.3f}{extra}")
     if "ratio_c_over_b" in report:
         r = report["ratio_c_over_b"]
         print(f"c/b: time {r['time']:.3f}  memory {r['memory']:.3f}")

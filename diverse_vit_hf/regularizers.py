@@ -386,19 +386,52 @@ def patch_mixing_loss(
     return soft_target_cross_entropy(logits.reshape(-1, classes), flat_targets)
 
 
+class _TwoLabelCrossEntropySum(torch.autograd.Function):
+    """Forward: the summed two-label cross-entropy of `two_label_cross_entropy_sum`. Backward: its gradient
+    `row_scale * (softmax(z) - target)` written into one new `(..., C)` tensor, with no target tensor and none of
+    the full-size zero tensors that autograd's gather and slice backwards would allocate."""
+
+    @staticmethod
+    def forward(ctx, logits, own_index, partner_index, weights, row_scale, label_smoothing):
+        classes = logits.shape[-1]
+        lse = torch.logsumexp(logits, dim=-1)
+        own = logits.gather(-1, own_index).squeeze(-1)
+        partner = logits.gather(-1, partner_index).squeeze(-1)
+        per_row = lse - (1.0 - label_smoothing) * (weights * own + (1.0 - weights) * partner)
+        if label_smoothing > 0:
+            per_row = per_row - (label_smoothing / classes) * logits.sum(dim=-1)
+        ctx.save_for_backward(logits, lse, own_index, partner_index, weights, row_scale)
+        ctx.label_smoothing = label_smoothing
+        return (per_row * row_scale).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, lse, own_index, partner_index, weights, row_scale = ctx.saved_tensors
+        smoothing, classes = ctx.label_smoothing, logits.shape[-1]
+        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # softmax, the only (..., C) allocation
+        if smoothing > 0:
+            grad.sub_(smoothing / classes)
+        weights = weights.expand(lse.shape)
+        grad.scatter_add_(-1, own_index, (-(1.0 - smoothing) * weights).unsqueeze(-1))
+        grad.scatter_add_(-1, partner_index, (-(1.0 - smoothing) * (1.0 - weights)).unsqueeze(-1))
+        grad.mul_((row_scale.expand(lse.shape) * grad_output).unsqueeze(-1))
+        return grad, None, None, None, None, None
+
+
 def two_label_cross_entropy_sum(
     logits: torch.Tensor,
     labels: torch.Tensor,
     partner_labels: torch.Tensor,
     weights: torch.Tensor,
     label_smoothing: float,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy against targets that mix two smoothed one-hot labels, without building the targets.
 
     Row r's target is `w_r * s(a_r) + (1 - w_r) * s(b_r)` with `s(y) = (1 - eps) * onehot(y) + eps / C`, so its
     cross-entropy is `logsumexp(z_r) - (1 - eps) * (w_r * z_r[a_r] + (1 - w_r) * z_r[b_r]) - eps / C * sum_c z_r[c]`.
     The same value as `soft_target_cross_entropy` on the built targets (times the row count), with no `(..., C)`
-    target, log-probability or product tensor.
+    target, log-probability or product tensor; the backward allocates one `(..., C)` tensor, the gradient.
 
     Args:
         logits: `(B, ..., C)` logits (any float dtype; computed in float32).
@@ -406,22 +439,23 @@ def two_label_cross_entropy_sum(
         weights: the weight `w` of `labels`, broadcastable to `logits.shape[:-1]` (e.g. `(P,)` per patch, or a
             0-d tensor).
         label_smoothing: `eps` in [0, 1).
+        row_scale: a factor per row, broadcastable to `logits.shape[:-1]` (e.g. 0 for rows to leave out); None: 1.
 
     Returns:
-        Float32 scalar: the sum over all rows.
+        Float32 scalar: the sum over all rows of `row_scale * cross-entropy`.
     """
     with _no_autocast(logits):
         logits = logits.float()
-        classes = logits.shape[-1]
         index_shape = (labels.shape[0],) + (1,) * (logits.ndim - 1)
         expanded = (*logits.shape[:-1], 1)
-        own = logits.gather(-1, labels.view(index_shape).expand(expanded)).squeeze(-1)
-        partner = logits.gather(-1, partner_labels.view(index_shape).expand(expanded)).squeeze(-1)
-        mixed = weights * own + (1.0 - weights) * partner
-        per_row = torch.logsumexp(logits, dim=-1) - (1.0 - label_smoothing) * mixed
-        if label_smoothing > 0:
-            per_row = per_row - (label_smoothing / classes) * logits.sum(dim=-1)
-        return per_row.sum()
+        own_index = labels.view(index_shape).expand(expanded)
+        partner_index = partner_labels.view(index_shape).expand(expanded)
+        weights = torch.as_tensor(weights, device=logits.device, dtype=torch.float32)
+        if row_scale is None:
+            row_scale = torch.ones((), device=logits.device, dtype=torch.float32)
+        return _TwoLabelCrossEntropySum.apply(
+            logits, own_index, partner_index, weights, row_scale.float(), float(label_smoothing)
+        )
 
 
 def patch_mixing_loss_two_label(
@@ -457,11 +491,15 @@ def patch_mixing_loss_two_label(
             f"`image_logits` must have shape {(batch, classes)} and `patch_weights` {(num_patches,)}; got "
             f"{tuple(image_logits.shape)} and {tuple(patch_weights.shape)}."
         )
-    lam_tensor = torch.tensor(lam, device=image_logits.device, dtype=torch.float32)
+    device = token_logits.device
+    lam_tensor = torch.tensor(lam, device=device, dtype=torch.float32)
     image = two_label_cross_entropy_sum(image_logits, labels, partner_labels, lam_tensor, label_smoothing)
-    patches = two_label_cross_entropy_sum(
-        token_logits[:, num_prefix_tokens:], labels, partner_labels, patch_weights, label_smoothing
-    )
+    # Every token's row, the prefix tokens' scaled by 0: no slice of the logits, whose backward would allocate a
+    # zero-filled (B, N, C) gradient.
+    prefix = torch.ones(num_prefix_tokens, device=device, dtype=torch.float32)
+    weights = torch.cat([prefix, patch_weights.to(device=device, dtype=torch.float32)])
+    row_scale = torch.cat([torch.zeros_like(prefix), torch.ones(num_patches, device=device, dtype=torch.float32)])
+    patches = two_label_cross_entropy_sum(token_logits, labels, partner_labels, weights, label_smoothing, row_scale)
     return (image + patches) / (batch * (1 + num_patches))
 
 
