@@ -25,14 +25,19 @@ def test_overhead_benchmark_reports_all_variants_and_ratios(capsys):
     report = load_benchmark("overhead").main(
         ["--config", "tiny", "--batch_size", "4", "--warmup", "0", "--repeats", "1"]
     )
-    expected = {"a", "b", "c", "d_cosine", "d_contrastive", "d_attention", "d_weight", "d_patch_mixing"}
+    expected = {"a", "t", "b", "c", "d_cosine", "d_contrastive", "d_attention", "d_weight", "d_patch_mixing"}
     assert set(report["variants"]) == expected
     for row in report["variants"].values():
         assert row["median_s"] > 0 and row["memory_mib"] > 0
+        assert row["rss_peak_mib"] is not None and row["rss_peak_mib"] >= 0
     # The naive variant keeps every layer's attention maps and hidden states: it must save more activations.
     assert report["variants"]["c"]["memory_mib"] > report["variants"]["b"]["memory_mib"]
+    # timm's ViT and HF's save the same activations (same sizes, no dropout).
+    assert report["variants"]["t"]["memory_mib"] == pytest.approx(report["variants"]["a"]["memory_mib"], rel=0.02)
+    assert {"time", "rss_peak"} <= set(report["ratio_b_over_a"]) and "time" in report["ratio_a_over_t"]
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2].startswith("b/a: time") and lines[-1].startswith("c/b: time")
+    assert lines[-3].startswith("a/t: time") and lines[-2].startswith("b/a: time") and "peak RSS" in lines[-2]
+    assert lines[-1].startswith("c/b: time")
 
 
 def test_precision_check_passes_on_cpu_autocast():
