@@ -19,7 +19,13 @@ counter.
     python benchmarks/overhead.py --config deit-small --batch_size 128 --dtype bf16 --device cuda
     python benchmarks/overhead.py --config tiny --json      # seconds, for a smoke test
 
-The last two lines printed are the ratios b/a and c/b.
+The last lines printed are the ratios a/t (plain HF over plain timm), b/a and c/b. The peak RSS rise of a step (the
+CPU's peak memory, transient tensors included) is measured only under `MALLOC_MMAP_THRESHOLD_=65536`, which slows the
+steps down: take times from a run without it and peak memory from a run with it:
+
+    python benchmarks/overhead.py --config deit-tiny --batch_size 32 --only t,a,b --repeats 9 --threads 2
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/overhead.py --config deit-tiny --batch_size 32 --only t,a,b \
+        --repeats 1 --threads 2
 """
 
 from __future__ import annotations
@@ -91,11 +97,13 @@ class RssPeakMeter:
     """Peak rise of the process's resident memory during a step, sampled every ~0.2 ms by a thread reading
     /proc/self/statm (Linux). Run with `MALLOC_MMAP_THRESHOLD_=65536` so that glibc returns freed tensors to the
     system and the rise is the step's own peak, transient tensors included (the saved-activation count misses
-    them)."""
+    them). Without that variable (or off Linux) it is not measured. The variable slows every step down (each large
+    tensor is its own mmap), so take the times from a run without it."""
 
     def __init__(self) -> None:
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.available = os.path.exists("/proc/self/statm")
+        # Without the variable glibc keeps freed blocks in its heap: the rise would miss every reused block.
+        self.available = os.path.exists("/proc/self/statm") and "MALLOC_MMAP_THRESHOLD_" in os.environ
         self.peak = 0
 
     def _rss(self) -> int:
