@@ -491,14 +491,19 @@ def test_eval_flags_follow_eval_every_epochs():
 
 
 def test_a_study_json_of_the_first_schema_loads_resumes_and_reports(tmp_path, monkeypatch):
-    """docs/study/study.json, written by the first schema with the absolute folders of the machine that ran it,
-    copied elsewhere: its runs are found (same flags: nothing trained), and it is rewritten with relative folders."""
+    """docs/study/study.json as the first schema wrote it (the absolute folders of the machine that ran it, where the
+    committed file now has folders relative to the study), copied elsewhere: its runs are found (same flags: nothing
+    trained), and it is rewritten with relative folders."""
     study = load_script(STUDY_SCRIPT, "study_script")
-    committed = json.loads(COMMITTED_STUDY.read_text())
-    assert committed["schema_version"] == 1 and Path(committed["runs"][0]["output_dir"]).is_absolute()
+    relative_form = json.loads(COMMITTED_STUDY.read_text())
+    assert relative_form["schema_version"] == 2 and not Path(relative_form["runs"][0]["output_dir"]).is_absolute()
+    committed = {**relative_form, "schema_version": 1, "runs": []}
+    for run in relative_form["runs"]:
+        absolute = f"/work/study_run/out/{run['output_dir']}"  # where the first schema's run wrote it
+        committed["runs"].append({**run, "output_dir": absolute, "argv": [*run["argv"][:-1], absolute]})
     folder = tmp_path / "copied"
     folder.mkdir()
-    shutil.copyfile(COMMITTED_STUDY, folder / "study.json")
+    (folder / "study.json").write_text(json.dumps(committed))
 
     loaded = study.load_study(folder / "study.json")
     for run in loaded["runs"]:
