@@ -123,7 +123,7 @@ def _structural_problem(path: Path) -> str | None:
     return None
 
 
-def _missing_state(folder: Path, names: set[str]) -> list[str]:
+def _missing_state(names: set[str]) -> list[str]:
     """The resume state a plain (single-device/DDP) checkpoint lacks. Sharded checkpoints keep their optimizer in
     per-rank files or folders, matched by prefix."""
     missing = []
@@ -172,7 +172,7 @@ def verify_checkpoint(folder: str | os.PathLike) -> CheckpointCheck:
         check.damaged.append("trainer_state.json is missing")
     if not any(name.startswith(("model", "pytorch_model")) for name in names):
         check.damaged.append("the model weights (model.safetensors) are missing")
-    check.missing_state = _missing_state(folder, names)
+    check.missing_state = _missing_state(names)
     return check
 
 

@@ -38,7 +38,6 @@ from .callbacks import EMA_STATE_NAME
 from .checkpoint_integrity import (
     CheckpointCheck,
     CheckpointDamagedError,
-    list_checkpoints,
     select_checkpoint,
     verify_checkpoint,
     write_manifest,
@@ -465,7 +464,7 @@ class AtomicCheckpointsMixin:
         except WRITE_ERRORS as error:
             if not is_write_failure(error, folder):
                 raise
-            if staging is not None:
+            if staging is not None:  # now: on a full disk its space is what the rescue below may need
                 shutil.rmtree(staging, ignore_errors=True)
                 staging = None
             left = f"The files already in {folder} were left as they were (no partial file was moved there). "
@@ -480,12 +479,12 @@ class AtomicCheckpointsMixin:
         directory (`TMPDIR`, usually another file system), so the training is not lost. Returns what to tell the
         user."""
         rescue = Path(tempfile.gettempdir()) / f"diverse-vit-rescued-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        newest = next(iter(list_checkpoints(folder)), None)
+        newest, _ = select_checkpoint(folder)  # verified: the message only calls intact what is
         fallback = (
-            f"The newest checkpoint, {newest}, is intact: resume from it with --resume_from_checkpoint auto once "
+            f"The newest intact checkpoint, {newest.path}, can be resumed with --resume_from_checkpoint auto once "
             "there is space, and the final model is written at the end."
             if newest is not None
-            else "No checkpoint of this run is left to resume from."
+            else "No intact checkpoint of this run is left to resume from."
         )
         try:
             rescue.mkdir(parents=True)

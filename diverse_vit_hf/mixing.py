@@ -48,13 +48,11 @@ class MixedBatch:
     @property
     def patch_targets(self) -> torch.Tensor:
         """`(B, P, num_classes)` per-patch soft targets (built on each access)."""
+        if self.mode != "cutmix":  # not mixed, or Mixup: every patch carries the image-level target
+            return self.targets.unsqueeze(1).expand(-1, self.patch_weights.shape[0], -1).contiguous()
         num_classes = self.targets.shape[-1]
         own = smoothed_one_hot(self.labels, num_classes, self.label_smoothing).unsqueeze(1)
-        if self.mode == "none":
-            return own.expand(-1, self.patch_weights.shape[0], -1).contiguous()
         partner = smoothed_one_hot(self.partner_labels, num_classes, self.label_smoothing).unsqueeze(1)
-        if self.mode == "mixup":  # every patch carries the image-level target
-            return self.targets.unsqueeze(1).expand(-1, self.patch_weights.shape[0], -1).contiguous()
         weights = self.patch_weights.view(1, -1, 1)
         return weights * own + (1.0 - weights) * partner
 

@@ -488,6 +488,24 @@ def test_disk_full_during_the_final_model_save_keeps_the_previous_files(tmp_path
     load_diverse_model(str(tmp_path))
 
 
+def test_a_failed_final_save_names_only_a_verified_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", disk_full)
+    with pytest.raises(CheckpointSaveError) as excinfo:
+        trainer.save_model()
+    assert f"The newest intact checkpoint, {tmp_path / 'checkpoint-2'}, can be resumed" in str(excinfo.value)
+    for step in (1, 2):  # damaged after it was written: no longer offered
+        optimizer = tmp_path / f"checkpoint-{step}" / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(CheckpointSaveError, match="No intact checkpoint of this run is left"):
+        trainer.save_model()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Security
 
