@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "end_process_group",
     "WeightRegularizerNotSupportedError",
     "broadcast_start_vectors",
     "check_weight_regularizer_supported",
@@ -88,6 +89,14 @@ def broadcast_start_vectors(shape: tuple[int, int], device: torch.device) -> tup
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast(vectors, src=0)
     return vectors[0], vectors[1]
+
+
+def end_process_group() -> None:
+    """Tear down the default process group, if any, before the process exits. Left to the interpreter's exit, gloo's
+    worker threads sometimes abort it ("terminate called without an active exception", exit code -6) after a
+    training that succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _fsdp_module_types() -> tuple[type, ...]:

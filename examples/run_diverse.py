@@ -54,6 +54,7 @@ from diverse_vit_hf.data import (
     processor_transforms,
     skipped_images,
 )
+from diverse_vit_hf.distributed import end_process_group
 from diverse_vit_hf.evaluation import make_compute_metrics
 from diverse_vit_hf.guard import NonFiniteLossError
 from diverse_vit_hf.hub import CardInputs
@@ -367,3 +368,5 @@ if __name__ == "__main__":
     except tuple(kind for kind, _ in EXIT_CODES) as error:
         logging.getLogger("run_diverse").error("%s", error)
         sys.exit(next(code for kind, code in EXIT_CODES if isinstance(error, kind)))
+    finally:
+        end_process_group()

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import build_trainer, make_args
 
+from diverse_vit_hf.distributed import end_process_group
 from diverse_vit_hf.modeling import BranchDropout
 
 
@@ -50,6 +51,7 @@ def main(out: Path) -> None:
         "drop_path_masks": masks,
     }
     (out / f"draws-{args.process_index}.json").write_text(json.dumps(draws))
+    end_process_group()
 
 
 if __name__ == "__main__":
