@@ -49,8 +49,8 @@ import transformers
 from transformers import ViTConfig, ViTForImageClassification
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
-from diverse_vit_hf.mixing import PatchMixupCutmix
-from diverse_vit_hf.regularizers import (
+from diverse_vit_hf.losses.mixing import PatchMixupCutmix
+from diverse_vit_hf.losses.regularizers import (
     attention_cosine_loss,
     patch_contrastive_loss,
     patch_cosine_loss,

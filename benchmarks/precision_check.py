@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import ALL_TERMS, CONFIGS, make_trainer, vit_config
 
 from diverse_vit_hf import DiverseViTForImageClassification
-from diverse_vit_hf.mixing import PatchMixupCutmix
-from diverse_vit_hf.regularizers import (
+from diverse_vit_hf.losses.mixing import PatchMixupCutmix
+from diverse_vit_hf.losses.regularizers import (
     attention_cosine_loss,
     patch_contrastive_loss,
     patch_cosine_loss,

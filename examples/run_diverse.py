@@ -35,8 +35,15 @@ import transformers
 from transformers import AutoConfig, HfArgumentParser, TrainerCallback, set_seed
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments
-from diverse_vit_hf.arguments import DataArguments, ModelArguments, RecipeArguments
-from diverse_vit_hf.checkpointing import (
+from diverse_vit_hf.data.image_datasets import apply_image_transform, class_names, collate_image_batch, skipped_images
+from diverse_vit_hf.data.transforms import model_input_size, prepare_processor, processor_transforms
+from diverse_vit_hf.hub.model_card import CardInputs
+from diverse_vit_hf.scripts.arguments import DataArguments, ModelArguments, RecipeArguments
+from diverse_vit_hf.scripts.evaluation import make_compute_metrics
+from diverse_vit_hf.scripts.model_builder import build_classifier
+from diverse_vit_hf.scripts.recipe import apply_recipe
+from diverse_vit_hf.scripts.splits import check_streaming, load_splits
+from diverse_vit_hf.trainer.checkpointing import (
     WRITE_ERRORS,
     CheckpointSaveError,
     check_output_dir,
@@ -45,24 +52,10 @@ from diverse_vit_hf.checkpointing import (
     resolve_resume_checkpoint,
     save_error,
 )
-from diverse_vit_hf.data import (
-    apply_image_transform,
-    class_names,
-    collate_image_batch,
-    model_input_size,
-    prepare_processor,
-    processor_transforms,
-    skipped_images,
-)
-from diverse_vit_hf.distributed import end_process_group
-from diverse_vit_hf.evaluation import make_compute_metrics
-from diverse_vit_hf.guard import NonFiniteLossError
-from diverse_vit_hf.hub import CardInputs
-from diverse_vit_hf.output_folder import OutputFolderLockedError, prepare_output_folder
-from diverse_vit_hf.preemption import TrainingStoppedError
-from diverse_vit_hf.presets import build_classifier
-from diverse_vit_hf.recipe import apply_recipe
-from diverse_vit_hf.splits import check_streaming, load_splits
+from diverse_vit_hf.trainer.nonfinite_guard import NonFiniteLossError
+from diverse_vit_hf.trainer.output_folder import OutputFolderLockedError, prepare_output_folder
+from diverse_vit_hf.trainer.preemption import TrainingStoppedError
+from diverse_vit_hf.utils.distributed import end_process_group
 
 logger = logging.getLogger("run_diverse")
 # Card names of the embedded data sets.

@@ -35,21 +35,20 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, get_scheduler
 
 from diverse_vit_hf import DiversityConfig, DiversityObjective
-from diverse_vit_hf.arguments import DataArguments, ModelArguments
-from diverse_vit_hf.checkpointing import check_output_dir
-from diverse_vit_hf.data import (
+from diverse_vit_hf.data.image_datasets import (
     SeededImageDataset,
     apply_image_transform,
     class_names,
     collate_image_batch,
-    prepare_processor,
-    processor_transforms,
 )
-from diverse_vit_hf.fileio import atomic_write_text
-from diverse_vit_hf.hub import CardInputs, card_from_folder, save_model_card
-from diverse_vit_hf.optim import adamw_parameter_groups
-from diverse_vit_hf.presets import build_classifier
-from diverse_vit_hf.splits import load_splits
+from diverse_vit_hf.data.transforms import prepare_processor, processor_transforms
+from diverse_vit_hf.hub.model_card import CardInputs, card_from_folder, save_model_card
+from diverse_vit_hf.scripts.arguments import DataArguments, ModelArguments
+from diverse_vit_hf.scripts.model_builder import build_classifier
+from diverse_vit_hf.scripts.splits import load_splits
+from diverse_vit_hf.trainer.checkpointing import check_output_dir
+from diverse_vit_hf.trainer.optim import adamw_parameter_groups
+from diverse_vit_hf.utils.fileio import atomic_write_text
 
 logger = logging.getLogger("run_diverse_no_trainer")
 CHECKPOINT_PREFIX = "checkpoint-"

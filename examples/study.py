@@ -25,7 +25,8 @@ evaluation, as the runs of the 12-epoch study in docs/study). study.json keeps e
 ...]` read from its trainer_state.json (it ends with the final evaluation at the last epoch); the report adds, per
 setting, the final and the best top-1 over the curve (both paired with the baseline, 95% CI), the epoch at which each
 run first reaches the baseline's mean final top-1, whether the baseline has converged (its mean curve gains less than
-0.5 points over the last 25% of its epochs, `diverse_vit_hf.study.convergence_check`), and `study_curves.png`.
+0.5 points over the last 25% of its epochs, `diverse_vit_hf.scripts.study_statistics.convergence_check`), and
+`study_curves.png`.
 
 Does Diverse-ViT reach a better end point, or only train faster? The converged-budget study (3 arms x 2 settings x 5
 seeds = 30 runs, 4x the epochs of the 12-epoch study: about 4 h of training on the 2-core machine that ran that one,
@@ -41,7 +42,7 @@ to the study folder and resolved against it when it is read, so a study folder c
 reports there; a study.json of the first schema (absolute paths) still loads, its run folders taken as the
 `<setting>/<arm>/seed-<n>` folders of the study folder it is read from. Statistics: mean +/- sample std over seeds;
 against the baseline, the paired difference per seed (same seed = same initialisation, held-out split and data order)
-with a 95% Student t interval (`diverse_vit_hf.study`).
+with a 95% Student t interval (`diverse_vit_hf.scripts.study_statistics`).
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diverse_vit_hf.analysis import SUMMARY_METRICS
-from diverse_vit_hf.fileio import atomic_write, atomic_write_text
-from diverse_vit_hf.study import (
+from diverse_vit_hf.scripts.study_statistics import (
     CONVERGENCE_TOLERANCE,
     CONVERGENCE_WINDOW,
     STUDY_ARMS,
@@ -72,6 +72,8 @@ from diverse_vit_hf.study import (
     study_statistics,
     t_quantile_method,
 )
+from diverse_vit_hf.utils.fileio import atomic_write, atomic_write_text
+from diverse_vit_hf.utils.optional import require
 
 logger = logging.getLogger("study")
 RUN_DIVERSE = Path(__file__).resolve().parent / "run_diverse.py"
@@ -283,13 +285,13 @@ def convergence_criterion() -> str:
 
 def training_epoch_steps(run_diverse: Any, argv: list[str]) -> int:
     """Optimizer steps per epoch of a run_diverse.py run: its argv parsed as run_diverse.py parses it, its training
-    split loaded as it loads it, and the Trainer's count (`diverse_vit_hf.recipe.update_steps_per_epoch`)."""
+    split loaded as it loads it, and the Trainer's count (`diverse_vit_hf.scripts.recipe.update_steps_per_epoch`)."""
     from transformers import HfArgumentParser
 
     from diverse_vit_hf import DiverseTrainingArguments
-    from diverse_vit_hf.arguments import DataArguments, ModelArguments, RecipeArguments
-    from diverse_vit_hf.recipe import update_steps_per_epoch
-    from diverse_vit_hf.splits import load_splits
+    from diverse_vit_hf.scripts.arguments import DataArguments, ModelArguments, RecipeArguments
+    from diverse_vit_hf.scripts.recipe import update_steps_per_epoch
+    from diverse_vit_hf.scripts.splits import load_splits
 
     parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, DiverseTrainingArguments))
     parser.set_defaults(**run_diverse.DEMO_TRAINING_DEFAULTS)
@@ -368,9 +370,7 @@ def ordered(names, order) -> list[str]:
 
 def plot_study(study: dict[str, Any], output_dir: Path) -> None:
     """Accuracy per arm (mean ± std, seeds as dots), paired top-1 differences with 95% CIs, redundancy summaries."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     statistics = study["statistics"]
@@ -448,9 +448,7 @@ def plot_curves(study: dict[str, Any], output_dir: Path) -> bool:
     curves = study.get("curve_statistics") or {}
     if not curves:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     settings = ordered(curves, SETTINGS)

@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import build_trainer, make_args
 
-from diverse_vit_hf.distributed import end_process_group
-from diverse_vit_hf.modeling import BranchDropout
+from diverse_vit_hf.models.modeling import BranchDropout
+from diverse_vit_hf.utils.distributed import end_process_group
 
 
 def main(out: Path) -> None:

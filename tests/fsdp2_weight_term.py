@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import tiny_config
 
 from diverse_vit_hf import DiverseViTForImageClassification, DiversityConfig, DiversityObjective
-from diverse_vit_hf.distributed import check_weight_regularizer_supported
-from diverse_vit_hf.optim import adamw_parameter_groups
+from diverse_vit_hf.trainer.optim import adamw_parameter_groups
+from diverse_vit_hf.utils.distributed import check_weight_regularizer_supported
 
 STEPS, BATCH = 3, 8
 

@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import AutoConfig, PretrainedConfig, ViTConfig
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
-from diverse_vit_hf.data import collate_image_batch
+from diverse_vit_hf.data.image_datasets import collate_image_batch
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_DIVERSE = REPO / "examples" / "run_diverse.py"

@@ -43,11 +43,11 @@ from diverse_vit_hf.analysis import (
     write_report,
 )
 from diverse_vit_hf.analysis import probe as analysis_probe
-from diverse_vit_hf.cli import main as cli_main
-from diverse_vit_hf.data import load_embedded_dataset, train_eval_split
-from diverse_vit_hf.fileio import current_umask
-from diverse_vit_hf.regularizers import attention_cosine_loss, patch_cosine_loss, weight_condition_loss
-from diverse_vit_hf.study import DIVERSITY_COEFFICIENTS
+from diverse_vit_hf.data.image_datasets import load_embedded_dataset, train_eval_split
+from diverse_vit_hf.losses.regularizers import attention_cosine_loss, patch_cosine_loss, weight_condition_loss
+from diverse_vit_hf.scripts.cli import main as cli_main
+from diverse_vit_hf.scripts.study_statistics import DIVERSITY_COEFFICIENTS
+from diverse_vit_hf.utils.fileio import current_umask
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""`diverse_vit_hf.augmentation`: DeiT's timm transforms, checked against timm's own `create_transform` called with
+"""`diverse_vit_hf.data.augmentation`: DeiT's timm transforms, checked against timm's own `create_transform` called with
 DeiT's arguments (the reference), and the Pillow 13 guard of timm's posterize op."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from timm.data.auto_augment import posterize as timm_posterize
 from torchvision import transforms as tv1
 from torchvision.transforms import v2 as tv2
 
-from diverse_vit_hf.augmentation import (
+from diverse_vit_hf.data.augmentation import (
     DEIT_AUTO_AUGMENT,
     TimmTransform,
     deit_eval_transform,
@@ -28,7 +28,8 @@ from diverse_vit_hf.augmentation import (
     guard_posterize,
     posterize_pillow12,
 )
-from diverse_vit_hf.data import ToRGB, build_image_transform
+from diverse_vit_hf.data.images import ToRGB
+from diverse_vit_hf.data.transforms import build_image_transform
 
 MEAN, STD = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
 PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13

@@ -61,7 +61,7 @@ def test_precision_check_passes_on_cpu_autocast():
 
 def test_precision_check_catches_regularizers_left_in_autocast(monkeypatch):
     """With the float32 guard of the regularizers removed, the bf16 terms and the weight term are flagged."""
-    import diverse_vit_hf.regularizers as regularizers
+    import diverse_vit_hf.losses.regularizers as regularizers
 
     monkeypatch.setattr(regularizers, "_no_autocast", lambda tensor: contextlib.nullcontext())
     report = load_benchmark("precision_check").main(["--config", "tiny", "--batch_size", "4", "--dtypes", "bf16"])

@@ -15,14 +15,14 @@ import torch
 from helpers import RUN_DIVERSE, SCRIPT_ENV, build_trainer, fast_flags, make_args
 
 from diverse_vit_hf import load_diverse_model
-from diverse_vit_hf.checkpoint_integrity import (
+from diverse_vit_hf.trainer.checkpoint_integrity import (
     INCOMPLETE_MARKER,
     MANIFEST_NAME,
     select_checkpoint,
     verify_checkpoint,
     write_manifest,
 )
-from diverse_vit_hf.checkpointing import CheckpointDamagedError, finished_training, resolve_resume_checkpoint
+from diverse_vit_hf.trainer.checkpointing import CheckpointDamagedError, finished_training, resolve_resume_checkpoint
 
 
 @pytest.fixture(scope="module")

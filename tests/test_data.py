@@ -12,13 +12,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, ViTImageProcessor
 
-from diverse_vit_hf.data import (
-    AUGMENTATIONS,
+from diverse_vit_hf.data.image_datasets import (
     apply_image_transform,
-    build_image_transform,
     collate_image_batch,
     ensure_class_labels,
-    image_size_from_processor,
     load_embedded_dataset,
     load_embedded_mnist,
     load_lfw_faces,
@@ -26,6 +23,7 @@ from diverse_vit_hf.data import (
     resolve_columns,
     train_eval_split,
 )
+from diverse_vit_hf.data.transforms import AUGMENTATIONS, build_image_transform, image_size_from_processor
 
 MEAN = (0.1, 0.2, 0.3)
 STD = (0.5, 0.25, 0.2)

@@ -27,12 +27,12 @@ from diverse_vit_hf import (
     deit_config,
     load_diverse_model,
 )
-from diverse_vit_hf.arguments import ModelArguments, RecipeArguments
-from diverse_vit_hf.callbacks import EMA_STATE_NAME
-from diverse_vit_hf.data import collate_image_batch
-from diverse_vit_hf.modeling import BranchDropout
-from diverse_vit_hf.presets import build_classifier
-from diverse_vit_hf.recipe import apply_recipe, update_steps_per_epoch
+from diverse_vit_hf.data.image_datasets import collate_image_batch
+from diverse_vit_hf.models.modeling import BranchDropout
+from diverse_vit_hf.scripts.arguments import ModelArguments, RecipeArguments
+from diverse_vit_hf.scripts.model_builder import build_classifier
+from diverse_vit_hf.scripts.recipe import apply_recipe, update_steps_per_epoch
+from diverse_vit_hf.trainer.ema import EMA_STATE_NAME
 
 FAST = fast_flags()
 
@@ -210,7 +210,7 @@ def test_weight_decay_excludes_the_distillation_and_mask_tokens(tmp_path):
 
 def test_scale_lr_uses_the_global_batch(tmp_path, caplog):
     args = make_args(tmp_path, learning_rate=5e-4, per_device_train_batch_size=16, gradient_accumulation_steps=4)
-    with caplog.at_level("INFO", logger="diverse_vit_hf.recipe"):
+    with caplog.at_level("INFO", logger="diverse_vit_hf.scripts.recipe"):
         apply_recipe(RecipeArguments(scale_lr=True), args, 1000)
     assert args.learning_rate == pytest.approx(5e-4 * 64 / 512)
     assert "--scale_lr" in caplog.text

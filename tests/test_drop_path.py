@@ -11,7 +11,7 @@ import torch
 from transformers import DeiTConfig, ViTConfig
 
 from diverse_vit_hf import DiverseDeiTForImageClassification, DiverseViTForImageClassification
-from diverse_vit_hf.modeling import BranchDropout
+from diverse_vit_hf.models.modeling import BranchDropout
 
 CONFIG = dict(
     hidden_size=32,

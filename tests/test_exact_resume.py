@@ -24,15 +24,15 @@ from torch.utils.data import DataLoader
 from transformers import TrainerState
 
 from diverse_vit_hf import DiverseTrainer, DiverseViTForImageClassification
-from diverse_vit_hf.data import (
+from diverse_vit_hf.data.image_datasets import (
     SeededImageDataset,
     apply_image_transform,
-    build_image_transform,
     collate_image_batch,
     load_embedded_dataset,
     seeded_training_dataset,
 )
-from diverse_vit_hf.sample_seeding import SampleEpochCallback, sample_seed, seeded_rng
+from diverse_vit_hf.data.sample_seeding import SampleEpochCallback, sample_seed, seeded_rng
+from diverse_vit_hf.data.transforms import build_image_transform
 
 NO_TRAINER = REPO / "examples" / "run_diverse_no_trainer.py"
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -25,8 +25,8 @@ from diverse_vit_hf import (
 )
 from diverse_vit_hf.analysis.metrics import attention_probabilities
 from diverse_vit_hf.analysis.probe import RedundancyProbe, weight_statistics
-from diverse_vit_hf.families import attention_module, backbone_layers, block_linear
-from diverse_vit_hf.modeling import BLOCK1_EAGER_PREFIX, BranchDropout, eager_attention_with_probs
+from diverse_vit_hf.models.families import attention_module, backbone_layers, block_linear
+from diverse_vit_hf.models.modeling import BLOCK1_EAGER_PREFIX, BranchDropout, eager_attention_with_probs
 
 FAMILIES = sorted(SUPPORTED_MODEL_TYPES)
 PREFIX = {"vit": 1, "deit": 2, "vit_msn": 1, "dinov2": 1, "dinov2_with_registers": 3, "beit": 1, "ijepa": 0}
@@ -281,7 +281,7 @@ def test_analysis_reads_every_family_and_recomputes_the_kernels_maps(model_type,
 def test_the_analyze_command_reports_every_level_for_every_family(model_type, tmp_path):
     from transformers import ViTImageProcessor
 
-    from diverse_vit_hf.cli import main as cli_main
+    from diverse_vit_hf.scripts.cli import main as cli_main
 
     folder = tmp_path / "model"
     build(model_type).save_pretrained(folder)

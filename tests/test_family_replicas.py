@@ -17,7 +17,7 @@ from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV
 from transformers import AutoConfig, AutoImageProcessor
 
 from diverse_vit_hf import DIVERSE_MODEL_CLASSES
-from diverse_vit_hf.data import model_input_size, processor_transforms
+from diverse_vit_hf.data.transforms import model_input_size, processor_transforms
 
 HUB_IDS = sorted(FAMILY_REPLICAS)
 ENV = {**SCRIPT_ENV, "OMP_NUM_THREADS": "2"}

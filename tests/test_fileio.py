@@ -8,7 +8,7 @@ import pytest
 from transformers import ViTConfig
 
 from diverse_vit_hf import DiverseViTForImageClassification
-from diverse_vit_hf.fileio import atomic_write, atomic_write_text, current_umask
+from diverse_vit_hf.utils.fileio import atomic_write, atomic_write_text, current_umask
 
 
 def test_new_file_gets_open_w_permissions(tmp_path):

@@ -1,4 +1,4 @@
-"""diverse_vit_hf.hub: model card content and metadata (offline round trip), no leaked paths/tokens, a saved folder
+"""diverse_vit_hf.hub.model_card: card content and metadata (offline round trip), no leaked paths/tokens, a saved folder
 that loads in a vanilla pipeline, and the single-commit upload against a local HTTP endpoint and at the HfApi
 boundary."""
 
@@ -26,8 +26,7 @@ from transformers import ResNetConfig, ViTImageProcessor
 
 from diverse_vit_hf import DiverseTrainingArguments, DiverseViTForImageClassification, DiversityConfig
 from diverse_vit_hf.analysis import PLOT_FILES, RedundancyReport, analyze_model, tensor_batches, write_report
-from diverse_vit_hf.cli import main as cli_main
-from diverse_vit_hf.hub import (
+from diverse_vit_hf.hub.model_card import (
     CardInputs,
     build_model_card,
     card_from_folder,
@@ -38,6 +37,7 @@ from diverse_vit_hf.hub import (
     save_widget_images,
     validate_card_offline,
 )
+from diverse_vit_hf.scripts.cli import main as cli_main
 
 TOKEN = "hf_" + "T0kenForTestsOnly" * 2  # looks like a real token: must never reach a card or stdout
 EXPECTED_FILES = {
@@ -193,9 +193,9 @@ def test_trainer_writes_and_pushes_the_project_card(tmp_path, monkeypatch):
     the folder through hub.push_model_folder in one commit."""
     from transformers import ViTConfig
 
-    import diverse_vit_hf.hub as hub
+    import diverse_vit_hf.hub.model_card as hub
     from diverse_vit_hf import DiverseTrainer
-    from diverse_vit_hf.data import collate_image_batch
+    from diverse_vit_hf.data.image_datasets import collate_image_batch
 
     config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                        image_size=16, patch_size=4, num_labels=3)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Tests of `diverse_vit_hf.mixing` (method 1c): smoothed targets, exact per-patch CutMix fractions, batch mixing.
+"""Tests of `diverse_vit_hf.losses.mixing`: smoothed targets, exact per-patch CutMix fractions, batch mixing.
 
 References are independent: pixel-counting loops for the patch fractions, the CutMix box recovered from the
 mixed pixels themselves, and explicit per-sample loops over the partner `B - 1 - b`.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diverse_vit_hf.mixing import (
+from diverse_vit_hf.losses.mixing import (
     MixedBatch,
     PatchMixCollator,
     PatchMixupCutmix,

@@ -1,4 +1,4 @@
-"""Tests of `diverse_vit_hf.modeling` against independent computations through the stock transformers classes."""
+"""Tests of `diverse_vit_hf.models.modeling` against independent computations through the stock transformers classes."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-import diverse_vit_hf.modeling as modeling
-from diverse_vit_hf.modeling import (
+import diverse_vit_hf.models.modeling as modeling
+from diverse_vit_hf.models.modeling import (
     DiverseDeiTForImageClassification,
     DiverseImageClassifierOutput,
     DiverseViTForImageClassification,

@@ -13,8 +13,8 @@ import time
 import pytest
 from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV, fast_flags
 
-from diverse_vit_hf.checkpointing import CheckpointSaveError
-from diverse_vit_hf.output_folder import (
+from diverse_vit_hf.trainer.checkpointing import CheckpointSaveError
+from diverse_vit_hf.trainer.output_folder import (
     LOCK_NAME,
     OutputFolderLock,
     OutputFolderLockedError,
@@ -25,7 +25,7 @@ from diverse_vit_hf.output_folder import (
 HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
-    from diverse_vit_hf.output_folder import OutputFolderLock
+    from diverse_vit_hf.trainer.output_folder import OutputFolderLock
     lock = OutputFolderLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(120)

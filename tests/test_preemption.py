@@ -19,8 +19,8 @@ from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV, build_trainer, make_args, mak
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from diverse_vit_hf.checkpoint_integrity import verify_checkpoint
-from diverse_vit_hf.preemption import parse_stop_signals
+from diverse_vit_hf.trainer.checkpoint_integrity import verify_checkpoint
+from diverse_vit_hf.trainer.preemption import parse_stop_signals
 
 
 class SignalAtStep(TrainerCallback):

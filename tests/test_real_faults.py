@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV, load_script
 
-from diverse_vit_hf.checkpoint_integrity import MANIFEST_NAME, verify_checkpoint
+from diverse_vit_hf.trainer.checkpoint_integrity import MANIFEST_NAME, verify_checkpoint
 
 ENV = {**SCRIPT_ENV, "OMP_NUM_THREADS": "1"}
 # The tiny run: a 2-block, 32-wide ViT on 256 embedded digits, batches of 16 (16 steps an epoch), on the CPU; no

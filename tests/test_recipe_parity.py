@@ -29,12 +29,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers import HfArgumentParser, get_scheduler
 
 from diverse_vit_hf import DiverseViTForImageClassification
-from diverse_vit_hf.augmentation import deit_eval_transform, deit_train_kwargs, deit_train_transform
-from diverse_vit_hf.data import processor_transforms
-from diverse_vit_hf.ema import ModelEMA
-from diverse_vit_hf.optim import no_weight_decay_parameter_names
-from diverse_vit_hf.presets import deit_config
-from diverse_vit_hf.sampling import RepeatedAugmentationSampler
+from diverse_vit_hf.data.augmentation import deit_eval_transform, deit_train_kwargs, deit_train_transform
+from diverse_vit_hf.data.sampling import RepeatedAugmentationSampler
+from diverse_vit_hf.data.transforms import processor_transforms
+from diverse_vit_hf.models.presets import deit_config
+from diverse_vit_hf.trainer.ema import ModelEMA
+from diverse_vit_hf.trainer.optim import no_weight_decay_parameter_names
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "recipe.md"

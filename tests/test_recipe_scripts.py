@@ -1,5 +1,5 @@
 """The recipes in examples/recipes/: scripts, their run_diverse.py flags, the accelerate configs, and the refusal
-of the weight-level regularizer under parameter sharding (diverse_vit_hf/distributed.py)."""
+of the weight-level regularizer under parameter sharding (diverse_vit_hf/utils/distributed.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from helpers import load_script
 from transformers import HfArgumentParser, ViTConfig
 
 from diverse_vit_hf import DiverseViTForImageClassification
-from diverse_vit_hf.distributed import (
+from diverse_vit_hf.utils.distributed import (
     WeightRegularizerNotSupportedError,
     check_weight_regularizer_supported,
     sharded_parameter_reason,

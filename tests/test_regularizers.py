@@ -1,4 +1,4 @@
-"""Tests of `diverse_vit_hf.regularizers` against independent reference implementations of `docs/method.md`.
+"""Tests of `diverse_vit_hf.losses.regularizers` against independent reference implementations of `docs/method.md`.
 
 The references below deliberately use a different computation from the package: explicit Python loops over
 patches / pairs / heads, full Gram matrices, `torch.linalg.eigvalsh` of `W W^T` in float64, and an
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from diverse_vit_hf.regularizers import (
+from diverse_vit_hf.losses.regularizers import (
     PowerIterationState,
     attention_cosine_loss,
     patch_contrastive_loss,
@@ -753,8 +753,8 @@ def test_persistent_state_recovers_after_an_all_zero_matrix():
 @pytest.mark.parametrize("num_prefix_tokens", [1, 2])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_two_label_patch_loss_equals_the_loss_on_built_targets(mode, num_prefix_tokens, smoothing):
-    from diverse_vit_hf.mixing import PatchMixupCutmix
-    from diverse_vit_hf.regularizers import patch_mixing_loss_two_label
+    from diverse_vit_hf.losses.mixing import PatchMixupCutmix
+    from diverse_vit_hf.losses.regularizers import patch_mixing_loss_two_label
 
     torch.manual_seed(0)
     batch, classes, patch = 5, 7, 4
@@ -791,7 +791,7 @@ def test_two_label_patch_loss_equals_the_loss_on_built_targets(mode, num_prefix_
 
 
 def test_two_label_cross_entropy_sum_against_a_loop():
-    from diverse_vit_hf.regularizers import two_label_cross_entropy_sum
+    from diverse_vit_hf.losses.regularizers import two_label_cross_entropy_sum
 
     torch.manual_seed(1)
     logits, eps = torch.randn(3, 4, 6), 0.2
@@ -809,7 +809,7 @@ def test_two_label_cross_entropy_sum_against_a_loop():
 
 
 def test_two_label_patch_loss_under_bf16_autocast_is_computed_in_float32():
-    from diverse_vit_hf.regularizers import patch_mixing_loss_two_label
+    from diverse_vit_hf.losses.regularizers import patch_mixing_loss_two_label
 
     token_logits = torch.randn(2, 5, 3).bfloat16()
     image_logits = torch.randn(2, 3).bfloat16()

@@ -33,9 +33,9 @@ from diverse_vit_hf import (
     DiverseViTForImageClassification,
     load_diverse_model,
 )
-from diverse_vit_hf.checkpointing import CheckpointSaveError
-from diverse_vit_hf.data import UnreadableImageError, collate_image_batch
-from diverse_vit_hf.guard import NonFiniteLossError, drop_gradients
+from diverse_vit_hf.data.image_datasets import UnreadableImageError, collate_image_batch
+from diverse_vit_hf.trainer.checkpointing import CheckpointSaveError
+from diverse_vit_hf.trainer.nonfinite_guard import NonFiniteLossError, drop_gradients
 
 SECRET = "hf_secretTOKENabcdefghijklmnopqrstuvwxyz0123"
 FAST = fast_flags()
@@ -574,7 +574,7 @@ def test_hub_token_is_never_written_or_logged(tmp_path, caplog, capsys):
 
 
 def test_model_card_has_no_token_and_no_local_path(tmp_path):
-    hub = pytest.importorskip("diverse_vit_hf.hub")
+    hub = pytest.importorskip("diverse_vit_hf.hub.model_card")
     output = tmp_path / "run"
     trainer = make_trainer(output, max_steps=1, hub_token=SECRET)
     trainer.train()
@@ -657,7 +657,7 @@ def test_soak_many_short_epochs_keep_memory_flat_and_disk_bounded(tmp_path):
 
 
 def test_a_new_training_into_a_used_output_dir_is_refused(tmp_path):
-    from diverse_vit_hf.checkpointing import check_output_dir
+    from diverse_vit_hf.trainer.checkpointing import check_output_dir
 
     check_output_dir(tmp_path / "missing", None)  # nothing there: fine
     (tmp_path / "notes.txt").write_text("unrelated")
@@ -674,7 +674,7 @@ def test_a_new_training_into_a_used_output_dir_is_refused(tmp_path):
 
 
 def test_overwrite_output_dir_deletes_only_the_old_checkpoints(tmp_path):
-    from diverse_vit_hf.checkpointing import check_output_dir
+    from diverse_vit_hf.trainer.checkpointing import check_output_dir
 
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-5" / "model.safetensors").write_bytes(b"x")
@@ -686,7 +686,7 @@ def test_overwrite_output_dir_deletes_only_the_old_checkpoints(tmp_path):
 def test_launcher_processes_without_an_accelerator_are_detected(monkeypatch):
     """What switches use_cpu on (gloo DDP) under torchrun / accelerate on a machine without a GPU; the end-to-end
     launches are in test_distributed.py."""
-    from diverse_vit_hf.training_args import launched_without_accelerator
+    from diverse_vit_hf.trainer.training_args import launched_without_accelerator
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not launched_without_accelerator()

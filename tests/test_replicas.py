@@ -25,8 +25,8 @@ from safetensors import safe_open
 from skimage import data as skdata
 from transformers import AutoConfig, AutoImageProcessor
 
-from diverse_vit_hf.data import model_input_size, processor_transforms
-from diverse_vit_hf.hub import validate_card_offline
+from diverse_vit_hf.data.transforms import model_input_size, processor_transforms
+from diverse_vit_hf.hub.model_card import validate_card_offline
 
 ENV = {
     **os.environ,

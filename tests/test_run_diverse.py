@@ -10,8 +10,8 @@ import pytest
 from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV, fast_flags, load_script
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from diverse_vit_hf.arguments import ModelArguments
-from diverse_vit_hf.presets import build_classifier
+from diverse_vit_hf.scripts.arguments import ModelArguments
+from diverse_vit_hf.scripts.model_builder import build_classifier
 
 SCRIPT, ENV = RUN_DIVERSE, SCRIPT_ENV
 FAST = fast_flags(max_train_samples=256, max_eval_samples=64, batch_size=None)

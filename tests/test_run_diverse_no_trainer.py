@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import REPO, RUN_DIVERSE, SCRIPT_ENV, run_checked
 
-from diverse_vit_hf.hub import validate_card_offline
+from diverse_vit_hf.hub.model_card import validate_card_offline
 
 NO_TRAINER = REPO / "examples" / "run_diverse_no_trainer.py"
 ENV = {**SCRIPT_ENV, "OMP_NUM_THREADS": "2"}

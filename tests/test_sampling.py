@@ -10,7 +10,7 @@ from accelerate.data_loader import BatchSamplerShard
 from helpers import build_trainer, make_args
 from torch.utils.data import BatchSampler
 
-from diverse_vit_hf.sampling import RepeatedAugmentationSampler
+from diverse_vit_hf.data.sampling import RepeatedAugmentationSampler
 
 
 def deit_rasampler(length: int, repeats: int, world: int, rank: int, seed: int) -> list[int]:

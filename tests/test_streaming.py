@@ -16,16 +16,16 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value
 from transformers import ViTForImageClassification
 
-from diverse_vit_hf.data import (
+from diverse_vit_hf.data.image_datasets import (
     UnreadableImageError,
     apply_image_transform,
-    build_image_transform,
     class_names,
     load_embedded_dataset,
     resolve_columns,
     skipped_images,
     stream_class_label,
 )
+from diverse_vit_hf.data.transforms import build_image_transform
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "run_diverse.py"
 TINY = [

@@ -1,4 +1,4 @@
-"""diverse_vit_hf.study (mean/std, Student t, paired intervals, accuracy curves) against independent and hand
+"""scripts.study_statistics (mean/std, Student t, paired intervals, accuracy curves) against independent and hand
 computations, and examples/study.py: its report on made-up runs, a study.json of the first schema (absolute folders)
 loading and resuming, and end to end on a tiny budget: schema, curves, statistics recomputed from the runs,
 --report_only, resuming, a study folder moved elsewhere."""
@@ -19,8 +19,8 @@ from transformers import HfArgumentParser
 
 from diverse_vit_hf import DiverseTrainingArguments
 from diverse_vit_hf.analysis import SUMMARY_METRICS
-from diverse_vit_hf.arguments import DataArguments, ModelArguments, RecipeArguments
-from diverse_vit_hf.study import (
+from diverse_vit_hf.scripts.arguments import DataArguments, ModelArguments, RecipeArguments
+from diverse_vit_hf.scripts.study_statistics import (
     best_point,
     convergence_check,
     curve_from_log_history,

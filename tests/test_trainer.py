@@ -11,7 +11,7 @@ from helpers import NUM_LABELS, build_trainer, make_batch, make_dataset, tiny_co
 from helpers import make_args as _make_args
 from transformers import DeiTConfig, HfArgumentParser, Trainer, TrainingArguments, ViTForImageClassification
 
-import diverse_vit_hf.objective as objective_module
+import diverse_vit_hf.trainer.objective as objective_module
 from diverse_vit_hf import (
     DiverseDeiTForImageClassification,
     DiverseTrainer,
@@ -22,8 +22,8 @@ from diverse_vit_hf import (
     patch_cosine_loss,
     patch_mixing_loss,
 )
-from diverse_vit_hf.data import collate_image_batch
-from diverse_vit_hf.mixing import PatchMixupCutmix
+from diverse_vit_hf.data.image_datasets import collate_image_batch
+from diverse_vit_hf.losses.mixing import PatchMixupCutmix
 
 
 def make_args(tmp_path, **overrides) -> DiverseTrainingArguments:

@@ -15,7 +15,7 @@ from helpers import make_dataset, tiny_config
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
-from diverse_vit_hf.data import collate_image_batch
+from diverse_vit_hf.data.image_datasets import collate_image_batch
 
 
 def _args(tmp_path: Path, **overrides) -> TrainingArguments:

@@ -24,9 +24,9 @@ and `k_proj` (fused SDPA/flash kernels never return probabilities), and reduced 
 statistics at once: only the current and the previous block's maps are alive at any moment.
 
 Modules: `metrics` (pure tensor metrics), `probe` (model checks, weight statistics, forward-hook accumulation),
-`report` (data classes, summary, JSON, Markdown, `write_report`), `plotting` (matplotlib plots), `driver`
-(`analyze_model`), `loading` (models, images, preprocessing, `analyze_checkpoints`) and `callback`
-(`RedundancyCallback`). Everything public is importable from `diverse_vit_hf.analysis` itself.
+`redundancy` (the report's data classes and summary), `report` (JSON, Markdown, `write_report`), `plotting`
+(matplotlib plots), `driver` (`analyze_model`), `loading` (models, images, preprocessing, `analyze_checkpoints`) and
+`callback` (`RedundancyCallback`). Everything public is importable from `diverse_vit_hf.analysis` itself.
 """
 
 from __future__ import annotations
@@ -64,8 +64,7 @@ from .probe import (
     check_weight_matrices,
     weight_statistics,
 )
-from .report import (
-    JSON_FILE,
+from .redundancy import (
     METRIC_DEFINITIONS,
     SCHEMA_VERSION,
     SUMMARY_METRICS,
@@ -73,13 +72,10 @@ from .report import (
     EmbeddingRedundancy,
     ModelRedundancy,
     RedundancyReport,
-    ReportFiles,
+    SummaryMetric,
     WeightRedundancy,
-    render_markdown,
-    summary_table_markdown,
-    write_json,
-    write_report,
 )
+from .report import JSON_FILE, ReportFiles, render_markdown, summary_table_markdown, write_json, write_report
 
 __all__ = [
     "DEFAULT_CALLBACK_KEYS",
@@ -100,6 +96,7 @@ __all__ = [
     "RedundancyReport",
     "ReportFiles",
     "RunningMeans",
+    "SummaryMetric",
     "WeightMatrixStats",
     "WeightRedundancy",
     "analyze_checkpoints",

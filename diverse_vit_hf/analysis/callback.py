@@ -10,7 +10,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .driver import analyze_model, check_positive_int, tensor_batches
-from .report import SUMMARY_METRICS
+from .redundancy import SUMMARY_METRICS
 
 DEFAULT_CALLBACK_KEYS = (
     "patch_cos_last",

@@ -18,7 +18,7 @@ from .probe import (
     check_weight_matrices,
     weight_statistics,
 )
-from .report import AttentionRedundancy, EmbeddingRedundancy, ModelRedundancy, WeightRedundancy
+from .redundancy import AttentionRedundancy, EmbeddingRedundancy, ModelRedundancy, WeightRedundancy
 
 
 def analyze_model(

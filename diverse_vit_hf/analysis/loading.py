@@ -15,7 +15,7 @@ from torch import nn
 from .driver import analyze_model, check_positive_int
 from .metrics import NORM_EPS
 from .probe import QKV_MATRICES, SUPPORTED_MODEL_TYPES, check_weight_matrices
-from .report import RedundancyReport
+from .redundancy import RedundancyReport
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def load_model_for_analysis(name_or_path: str, device: str | torch.device | None
     """Load a ViT/DeiT classifier (Hub id or local folder) for analysis, with a clear error for anything else."""
     from transformers import AutoConfig
 
-    from ..modeling import load_diverse_model
+    from ..models.modeling import load_diverse_model
 
     try:
         config = AutoConfig.from_pretrained(name_or_path)
@@ -102,9 +102,9 @@ def held_out_split(
     label_column: str | None = None,
 ) -> Any:
     """The held-out part of a single-split dataset, exactly the evaluation split of `examples/run_diverse.py`
-    (`diverse_vit_hf.data.train_eval_split` with the columns `resolve_columns` finds: labels encoded as a ClassLabel,
-    stratified), so the same seed and fraction give the images the model did not train on."""
-    from ..data import resolve_columns, train_eval_split
+    (`diverse_vit_hf.data.image_datasets.train_eval_split` with the columns `resolve_columns` finds: labels encoded as a
+    ClassLabel, stratified), so the same seed and fraction give the images the model did not train on."""
+    from ..data.image_datasets import resolve_columns, train_eval_split
 
     _, label = resolve_columns(dataset, image_column, label_column)
     return train_eval_split(dataset, label, held_out_fraction, seed)[1]
@@ -125,12 +125,12 @@ def load_analysis_images(
     `dataset` is an embedded offline set (`mnist`, `digits`, `lfw`), split like `examples/run_diverse.py` does
     (`held_out_fraction`, `seed`), or a Hub/local dataset for `datasets.load_dataset` (its validation/test split, or
     `split`, else a held-out part of train). Fewer images than asked are used (with a warning) if the split is smaller.
-    The image and label columns are found as the training script finds them (`diverse_vit_hf.data.resolve_columns`;
-    `image_column` / `label_column` name them explicitly).
+    The image and label columns are found as the training script finds them
+    (`diverse_vit_hf.data.image_datasets.resolve_columns`; `image_column` / `label_column` name them explicitly).
     """
     from datasets import DatasetDict, load_dataset
 
-    from ..data import EMBEDDED_DATASETS, load_embedded_dataset, resolve_columns
+    from ..data.image_datasets import EMBEDDED_DATASETS, load_embedded_dataset, resolve_columns
 
     check_positive_int(num_images, "num_images")
     if dataset in EMBEDDED_DATASETS:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..regularizers import unit_vectors
+from ..losses.regularizers import unit_vectors
 
 NORM_EPS = 1e-8
 

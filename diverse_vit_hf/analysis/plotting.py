@@ -7,13 +7,12 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..fileio import atomic_write
+from ..utils.fileio import atomic_write
+from ..utils.optional import require
 from .probe import WEIGHT_MATRICES
-
-if TYPE_CHECKING:
-    from .report import ModelRedundancy, RedundancyReport
+from .redundancy import ModelRedundancy, RedundancyReport
 
 PLOT_FILES = {
     "embedding": "redundancy_embedding.png",
@@ -54,9 +53,7 @@ def _model_legend(figure: Any, report: RedundancyReport, extra: Sequence[tuple[s
 
 def plot_report(report: RedundancyReport, output_dir: str | os.PathLike) -> dict[str, Path]:
     """One PNG per level (embedding, attention, weights): layers on the x-axis, one color per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     output_dir = Path(output_dir)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..families import attention_module, backbone_layers, block_linear
-from ..modeling import SUPPORTED_MODEL_TYPES
+from ..models.families import attention_module, backbone_layers, block_linear
+from ..models.modeling import SUPPORTED_MODEL_TYPES
 from .metrics import (
     WeightMatrixStats,
     attention_probabilities,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .configuration import DiversityConfig
+from ..losses.configuration import DiversityConfig
 from .preemption import DEFAULT_STOP_SIGNALS, parse_stop_signals
 
 logger = logging.getLogger(__name__)

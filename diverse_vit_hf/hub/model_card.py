@@ -1,9 +1,10 @@
 """Model cards and Hub uploads for Diverse-ViT checkpoints.
 
-`build_model_card` renders `model_cards/diverse_vit_card_template.md` with `huggingface_hub.ModelCard.from_template`:
-metadata (`library_name: transformers`, `pipeline_tag: image-classification`, base model, datasets, metrics,
-`model-index` eval results, widget images, tags), the diversity recipe (`DiversityConfig.diversity_dict()`), the
-redundancy table and plots, how to load the model with a plain `pipeline`, and the paper's citation.
+`build_model_card` renders the package's `templates/diverse_vit_card_template.md` with
+`huggingface_hub.ModelCard.from_template`: metadata (`library_name: transformers`, `pipeline_tag: image-classification`,
+base model, datasets, metrics, `model-index` eval results, widget images, tags), the diversity recipe
+(`DiversityConfig.diversity_dict()`), the redundancy table and plots, how to load the model with a plain `pipeline`,
+and the paper's citation.
 `card_from_folder` gathers all of it from a saved model folder (`config.json`, `training_args.json`,
 `eval_results.json`, `redundancy.json`, plots, `examples/` widget images and an optional `diverse_vit_card.json`).
 
@@ -17,10 +18,11 @@ Cards never contain a local filesystem path or a token: `check_card_is_safe` ref
 
 from __future__ import annotations
 
+import contextlib
+import importlib.resources
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,19 +31,13 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .analysis import PLOT_FILES, RedundancyReport, summary_table_markdown
-from .configuration import DiversityConfig
-from .fileio import atomic_write, atomic_write_text
-from .modeling import SUPPORTED_MODEL_TYPES
+from ..analysis import PLOT_FILES, RedundancyReport, summary_table_markdown
+from ..losses.configuration import DiversityConfig
+from ..models.modeling import SUPPORTED_MODEL_TYPES
+from ..utils.fileio import atomic_write, atomic_write_text
 
-# The template lives in the repository's model_cards/ folder: next to the package in a source or editable install,
-# and under <prefix>/share/diverse-vit-hf/model_cards/ once installed from a wheel (setup.cfg data_files).
-_TEMPLATE_NAME = "diverse_vit_card_template.md"
-_TEMPLATE_CANDIDATES = (
-    Path(__file__).resolve().parent.parent / "model_cards" / _TEMPLATE_NAME,
-    Path(sys.prefix) / "share" / "diverse-vit-hf" / "model_cards" / _TEMPLATE_NAME,
-)
-CARD_TEMPLATE_PATH = next((p for p in _TEMPLATE_CANDIDATES if p.is_file()), _TEMPLATE_CANDIDATES[0])
+# The card template ships inside the package (package data), so it is there however the package was installed.
+CARD_TEMPLATE = importlib.resources.files(__package__).joinpath("templates", "diverse_vit_card_template.md")
 CARD_METADATA_FILE = "diverse_vit_card.json"
 WIDGET_DIR = "examples"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -201,7 +197,7 @@ def build_model_card(
         widget_images: `(path in repo, title)` example images for the inference widget.
         num_parameters: parameter count shown in the details table.
         endpoint: Hub URL used for widget image URLs.
-        template_path: Jinja template (default `model_cards/diverse_vit_card_template.md`).
+        template_path: Jinja template (default: the package's `templates/diverse_vit_card_template.md`).
     """
     inputs = inputs or CardInputs()
     config = _config_dict(config)
@@ -213,12 +209,8 @@ def build_model_card(
         )
     if repo_id is not None:
         check_repo_id(repo_id)
-    template = Path(template_path) if template_path is not None else CARD_TEMPLATE_PATH
-    if not template.is_file():
-        raise ValueError(
-            f"Model card template not found at {template}: install diverse-vit-hf from a source checkout "
-            "(pip install -e .) or pass template_path."
-        )
+    if template_path is not None and not Path(template_path).is_file():
+        raise ValueError(f"Model card template not found at {template_path}: pass the path of an existing file.")
     if isinstance(diversity, dict):
         diversity = DiversityConfig.from_object(diversity)
     architecture = (config.get("architectures") or ["ViTForImageClassification"])[0]
@@ -287,39 +279,41 @@ def build_model_card(
         base_model_text = "none (trained from scratch)"
     level_titles = {"embedding": "Patch-embedding level", "attention": "Attention level", "weights": "Weight level"}
     plot_titles = {PLOT_FILES[level]: f"{title} redundancy" for level, title in level_titles.items()}
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        model_name=model_name,
-        summary=summary,
-        repo_id=repo_id or "<namespace>/<model-name>",
-        architecture=architecture,
-        model_type=model_type,
-        num_layers=config.get("num_hidden_layers"),
-        num_heads=config.get("num_attention_heads"),
-        hidden_size=config.get("hidden_size"),
-        intermediate_size=config.get("intermediate_size"),
-        image_size=config.get("image_size"),
-        patch_size=config.get("patch_size"),
-        num_parameters=f"{num_parameters:,}" if num_parameters else "n/a",
-        num_labels=len(labels),
-        labels=labels_text or "n/a",
-        base_model_text=base_model_text,
-        dataset_description=inputs.dataset_description or f"Trained on {dataset_label}.",
-        is_baseline=is_baseline,
-        baseline_mixing=bool(diversity and diversity.mixing_enabled),
-        patch_mixing_loss=bool(diversity and diversity.patch_mixing_loss),
-        diversity_rows=[(k, _format_value(v)) for k, v in diversity.diversity_dict().items()]
-        if diversity is not None
-        else [("(not recorded)", "n/a")],
-        training_rows=[(k, _format_value(training[k])) for k in TRAINING_KEYS if training and k in training],
-        eval_rows=eval_rows,
-        redundancy_table=summary_table_markdown(redundancy) if redundancy is not None else "",
-        redundancy_images=redundancy.num_images if redundancy is not None else 0,
-        plots=[{"file": name, "title": plot_titles.get(name, name)} for name in plot_files],
-        limitations=inputs.limitations,
-        citation=DIVERSE_VIT_BIBTEX,
-    )
+    default_template = importlib.resources.as_file(CARD_TEMPLATE)
+    with default_template if template_path is None else contextlib.nullcontext(Path(template_path)) as template:
+        card = ModelCard.from_template(
+            card_data,
+            template_path=str(template),
+            model_name=model_name,
+            summary=summary,
+            repo_id=repo_id or "<namespace>/<model-name>",
+            architecture=architecture,
+            model_type=model_type,
+            num_layers=config.get("num_hidden_layers"),
+            num_heads=config.get("num_attention_heads"),
+            hidden_size=config.get("hidden_size"),
+            intermediate_size=config.get("intermediate_size"),
+            image_size=config.get("image_size"),
+            patch_size=config.get("patch_size"),
+            num_parameters=f"{num_parameters:,}" if num_parameters else "n/a",
+            num_labels=len(labels),
+            labels=labels_text or "n/a",
+            base_model_text=base_model_text,
+            dataset_description=inputs.dataset_description or f"Trained on {dataset_label}.",
+            is_baseline=is_baseline,
+            baseline_mixing=bool(diversity and diversity.mixing_enabled),
+            patch_mixing_loss=bool(diversity and diversity.patch_mixing_loss),
+            diversity_rows=[(k, _format_value(v)) for k, v in diversity.diversity_dict().items()]
+            if diversity is not None
+            else [("(not recorded)", "n/a")],
+            training_rows=[(k, _format_value(training[k])) for k in TRAINING_KEYS if training and k in training],
+            eval_rows=eval_rows,
+            redundancy_table=summary_table_markdown(redundancy) if redundancy is not None else "",
+            redundancy_images=redundancy.num_images if redundancy is not None else 0,
+            plots=[{"file": name, "title": plot_titles.get(name, name)} for name in plot_files],
+            limitations=inputs.limitations,
+            citation=DIVERSE_VIT_BIBTEX,
+        )
     check_card_is_safe(str(card))
     return card
 
@@ -536,7 +530,7 @@ def push_model_folder(
 
 __all__ = [
     "CARD_METADATA_FILE",
-    "CARD_TEMPLATE_PATH",
+    "CARD_TEMPLATE",
     "DIVERSE_VIT_BIBTEX",
     "CardInputs",
     "build_model_card",

@@ -39,7 +39,13 @@ from torch import nn
 from transformers import Trainer, TrainerState, set_seed
 from transformers.trainer_utils import TrainOutput, has_length
 
-from .callbacks import EMA_STATE_NAME, ModelEMACallback
+from ..data.sample_seeding import preserved_global_rng
+from ..data.sampling import RepeatedAugmentationSampler
+from ..losses.configuration import DiversityConfig
+from ..losses.mixing import PatchMixupCutmix
+from ..losses.regularizers import PowerIterationState
+from ..models.modeling import DiverseModelMixin
+from ..utils.distributed import check_weight_regularizer_supported
 from .checkpointing import (
     TRAINER_STATE_NAME,
     AtomicCheckpointsMixin,
@@ -48,19 +54,12 @@ from .checkpointing import (
     check_output_dir,
     resolve_resume_checkpoint,
 )
-from .configuration import DiversityConfig
-from .distributed import check_weight_regularizer_supported
-from .ema import ModelEMA
-from .guard import NonFiniteGuard, NonFiniteLossError, TermLog, drop_gradients
-from .mixing import PatchMixupCutmix
-from .modeling import DiverseModelMixin
+from .ema import EMA_STATE_NAME, ModelEMA, ModelEMACallback
+from .nonfinite_guard import NonFiniteGuard, NonFiniteLossError, TermLog, drop_gradients
 from .objective import DiversityObjective
 from .optim import NO_DECAY_PARAMETER_NAMES, no_weight_decay_parameter_names
 from .output_folder import prepare_output_folder
 from .preemption import SignalCheckpointCallback, parse_stop_signals
-from .regularizers import PowerIterationState
-from .sample_seeding import preserved_global_rng
-from .sampling import RepeatedAugmentationSampler
 from .training_args import DiverseTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -373,7 +372,7 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
             return
         from dataclasses import replace
 
-        from .hub import CardInputs, card_from_folder, save_model_card
+        from ..hub.model_card import CardInputs, card_from_folder, save_model_card
 
         inputs = self.card_inputs if self.card_inputs is not None else CardInputs()
         extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
@@ -394,7 +393,7 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
         commit with `hub.push_model_folder` (weights, configs, card, redundancy files; no checkpoints, optimizer
         states or pickles) to `--hub_model_id` (`namespace/name`). Returns the `CommitInfo` (None on other
         processes)."""
-        from .hub import push_model_folder
+        from ..hub.model_card import push_model_folder
 
         if self.hub_model_id is None:  # called with --push_to_hub off: create the repository as the stock one does
             self.init_hf_repo(token=kwargs.get("token"), private=kwargs.get("private"))
@@ -442,7 +441,7 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
 
     def _install_sample_seeding(self) -> None:
         """Add `SampleEpochCallback`, which gives the seeded training dataset its epoch at each epoch start."""
-        from .sample_seeding import SampleEpochCallback
+        from ..data.sample_seeding import SampleEpochCallback
 
         self.sample_epoch_callback = SampleEpochCallback()
         self.add_callback(self.sample_epoch_callback)
@@ -456,7 +455,7 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
         are loaded as before."""
         seeded = None
         if "datasets" in sys.modules:  # only then can the training data be a `datasets.Dataset`
-            from .data import seeded_training_dataset
+            from ..data.image_datasets import seeded_training_dataset
 
             seeded = seeded_training_dataset(self.train_dataset, self.args.seed, self.args.process_index)
         if seeded is None:

@@ -38,11 +38,11 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .distributed import full_weight
+from ..losses.mixing import check_patch_grid
+from ..losses.regularizers import soft_target_cross_entropy
+from ..utils.distributed import full_weight
+from ..utils.fileio import atomic_write_text
 from .families import attention_module, backbone_layers, block_linear, final_norm
-from .fileio import atomic_write_text
-from .mixing import check_patch_grid
-from .regularizers import soft_target_cross_entropy
 
 BLOCK1_EAGER_PREFIX = "diverse_vit_block1_eager+"
 

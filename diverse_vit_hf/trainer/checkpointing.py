@@ -34,7 +34,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .callbacks import EMA_STATE_NAME
+from ..utils.fileio import atomic_write_text, fsync_path, fsync_tree
 from .checkpoint_integrity import (
     CheckpointCheck,
     CheckpointDamagedError,
@@ -42,7 +42,7 @@ from .checkpoint_integrity import (
     verify_checkpoint,
     write_manifest,
 )
-from .fileio import atomic_write_text, fsync_path, fsync_tree
+from .ema import EMA_STATE_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 
-from .arguments import DataArguments, RecipeArguments
-from .data import (
+from ..data.image_datasets import (
     ensure_class_labels,
     load_embedded_dataset,
     resolve_columns,
     stream_class_label,
     train_eval_split,
 )
+from .arguments import DataArguments, RecipeArguments
 
 
 def load_splits(

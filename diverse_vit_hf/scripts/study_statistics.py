@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .configuration import DiversityConfig
+from ..losses.configuration import DiversityConfig
 
 DIVERSITY_COEFFICIENTS = (
     "patch_cosine_coef",

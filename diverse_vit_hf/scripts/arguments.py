@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from .data import CORRUPT_IMAGE_MODES, EMBEDDED_DATASETS
-from .presets import DEIT_MODEL_CONFIG_NAMES
+from ..data.image_datasets import CORRUPT_IMAGE_MODES, EMBEDDED_DATASETS
+from ..models.presets import DEIT_MODEL_CONFIG_NAMES
 
 logger = logging.getLogger(__name__)
 

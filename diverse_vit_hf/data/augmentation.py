@@ -24,7 +24,7 @@ import torch
 from PIL import Image as PILImage
 from torchvision.transforms import Compose
 
-from diverse_vit_hf.data import ToRGB
+from .images import ToRGB
 
 # DeiT `main.py` defaults (facebookresearch/deit), the values the paper's runs use.
 DEIT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # --aa

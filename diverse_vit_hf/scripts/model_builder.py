@@ -1,73 +1,20 @@
-"""The classifiers the example scripts train: named from-scratch configurations (the DeiT family used in the
-Diverse-ViT paper), the small demo ViT, or a checkpoint to fine-tune, each with its image processor.
-
-The configurations are plain `ViTConfig`s (`model_type: vit`), like the non-distilled `facebook/deit-*-patch16-224`
-checkpoints on the Hub, so a model trained from one of them saves a checkpoint that vanilla `transformers` loads.
-"""
+"""The classifier an example script trains and its image processor: a Hub or local checkpoint to fine-tune
+(`--model_name_or_path`), a named DeiT configuration trained from scratch (`--model_config_name`), or the small demo
+ViT built from the size flags; then stochastic depth (`--drop_path_rate`)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import AutoImageProcessor, DeiTImageProcessor, ViTConfig, ViTImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from .modeling import DiverseModelMixin, DiverseViTForImageClassification, load_diverse_model
-
-if TYPE_CHECKING:
-    from .arguments import ModelArguments
+from ..models.modeling import DiverseModelMixin, DiverseViTForImageClassification, load_diverse_model
+from ..models.presets import DEIT_CROP_PCT, deit_config
+from .arguments import ModelArguments
 
 logger = logging.getLogger(__name__)
-# DeiT evaluates at a center crop of 87.5% of the resized image (timm's crop_pct).
-DEIT_CROP_PCT = 0.875
-
-# name -> (hidden size D, attention heads H, blocks L). Every DeiT uses 16 px patches on 224 px images and an MLP
-# ratio of 4 (Touvron et al. 2021, Table 1; DeiT-Small-24 is the deeper backbone of the Diverse-ViT paper).
-DEIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "deit-tiny": (192, 3, 12),
-    "deit-small": (384, 6, 12),
-    "deit-small-24": (384, 6, 24),
-    "deit-base": (768, 12, 12),
-}
-DEIT_MODEL_CONFIG_NAMES = tuple(DEIT_SIZES)
-
-
-def deit_config(name: str, **overrides: Any) -> ViTConfig:
-    """The `ViTConfig` of a DeiT backbone by name, for training from scratch.
-
-    Args:
-        name: one of `deit-tiny`, `deit-small`, `deit-small-24`, `deit-base`.
-        **overrides: any `ViTConfig` field, e.g. `num_labels`, `id2label`, `label2id`, `image_size`.
-
-    Returns:
-        A `ViTConfig` with patch 16, 224 px, MLP ratio 4 (`intermediate_size = 4 * hidden_size`), `qkv_bias=True`,
-        `layer_norm_eps=1e-6` (timm's value, not ViTConfig's 1e-12) and no dropout (DeiT regularises with stochastic
-        depth instead: see `DiverseModelMixin.set_drop_path_rate`).
-    """
-    if name not in DEIT_SIZES:
-        raise ValueError(
-            f"Unknown model config name {name!r}. Choose one of {', '.join(DEIT_MODEL_CONFIG_NAMES)}, or pass --model "
-            "with a Hub id or a local checkpoint folder."
-        )
-    hidden_size, num_heads, num_layers = DEIT_SIZES[name]
-    values: dict[str, Any] = {
-        "image_size": 224,
-        "patch_size": 16,
-        "num_channels": 3,
-        "hidden_size": hidden_size,
-        "num_attention_heads": num_heads,
-        "num_hidden_layers": num_layers,
-        "intermediate_size": 4 * hidden_size,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "qkv_bias": True,
-        "layer_norm_eps": 1e-6,
-        "initializer_range": 0.02,
-    }
-    values.update(overrides)
-    return ViTConfig(**values)
 
 
 def build_classifier(model_args: ModelArguments, labels: list[str]) -> tuple[DiverseModelMixin, Any]:
@@ -149,4 +96,4 @@ def _build_classifier(model_args: ModelArguments, labels: list[str]):
     return DiverseViTForImageClassification(config), processor
 
 
-__all__ = ["DEIT_CROP_PCT", "DEIT_MODEL_CONFIG_NAMES", "DEIT_SIZES", "build_classifier", "deit_config"]
+__all__ = ["build_classifier"]

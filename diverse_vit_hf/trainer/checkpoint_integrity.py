@@ -24,7 +24,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .fileio import atomic_write_text
+from ..utils.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
