@@ -68,7 +68,7 @@ __all__ = [
     "weight_condition_loss",
 ]
 
-# Paper-recipe helpers (issue 3): model EMA and the named DeiT configurations.
+# The DeiT recipe's helpers: model EMA, the named DeiT configurations and repeated-augmentation sampling.
 from .data.sampling import RepeatedAugmentationSampler
 from .models.presets import DEIT_MODEL_CONFIG_NAMES, deit_config
 from .trainer.ema import ModelEMA

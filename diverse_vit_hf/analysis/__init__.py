@@ -1,4 +1,4 @@
-"""Redundancy analysis of ViT/DeiT classifiers at the three levels of Diverse-ViT (the paper's "head-to-toe
+"""Redundancy analysis of ViT-family classifiers at the three levels of Diverse-ViT (the paper's "head-to-toe
 assessment"): patch embeddings, attention maps and weights.
 
 Definitions (`docs/method.md`, §7 "How to measure redundancy"), per layer l, on held-out images, model in eval mode:

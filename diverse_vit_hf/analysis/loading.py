@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..losses.regularizers import NORM_EPS
 from .driver import analyze_model, check_positive_int
-from .metrics import NORM_EPS
 from .probe import QKV_MATRICES, SUPPORTED_MODEL_TYPES, check_weight_matrices
 from .redundancy import RedundancyReport
 
@@ -36,7 +36,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model_for_analysis(name_or_path: str, device: str | torch.device | None = None) -> nn.Module:
-    """Load a ViT/DeiT classifier (Hub id or local folder) for analysis, with a clear error for anything else."""
+    """Load a classifier of a supported family (Hub id or local folder) for analysis; refuse anything else clearly."""
     from transformers import AutoConfig
 
     from ..models.modeling import load_diverse_model
@@ -130,7 +130,7 @@ def load_analysis_images(
     """
     from datasets import DatasetDict, load_dataset
 
-    from ..data.image_datasets import EMBEDDED_DATASETS, load_embedded_dataset, resolve_columns
+    from ..data.image_datasets import EMBEDDED_DATASETS, EVAL_SPLIT_NAMES, load_embedded_dataset, resolve_columns
 
     check_positive_int(num_images, "num_images")
     if dataset in EMBEDDED_DATASETS:
@@ -154,7 +154,7 @@ def load_analysis_images(
                 raise ValueError(f"The dataset {dataset!r} has no split {split!r} (splits: {list(loaded)}).")
             chosen, split_name = loaded[split], split
         else:
-            split_name = next((s for s in ("validation", "valid", "val", "test") if s in loaded), None)
+            split_name = next((s for s in EVAL_SPLIT_NAMES if s in loaded), None)
             if split_name is not None:
                 chosen = loaded[split_name]
             elif "train" in loaded:

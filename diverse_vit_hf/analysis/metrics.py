@@ -10,8 +10,6 @@ import torch
 
 from ..losses.regularizers import unit_vectors
 
-NORM_EPS = 1e-8
-
 
 def _off_diagonal_mean(gram: torch.Tensor) -> torch.Tensor:
     """Mean of the off-diagonal entries of a batch of square matrices `(B, M, M)` -> `(B,)`."""

@@ -100,7 +100,7 @@ class RunningMeans:
 
 
 class RedundancyProbe:
-    """Forward hooks on a ViT/DeiT backbone that reduce hidden states and attention maps to per-image statistics
+    """Forward hooks on a ViT-family backbone that reduce hidden states and attention maps to per-image statistics
     while the model runs, and add them to `RunningMeans`.
 
     Hooks: the embeddings (`h^0`), every block's output (`h^l`), and every block's `q_proj`/`k_proj` (the attention

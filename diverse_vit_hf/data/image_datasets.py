@@ -31,6 +31,8 @@ from .sample_seeding import preserved_global_rng, sample_seed, seed_global_rng
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "picture", "jpg", "png")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target", "cls")
 CORRUPT_IMAGE_MODES = ("fail", "skip")
+# Split names taken for evaluation, in this order, when a dataset has no split named by the user.
+EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
 # Examples per `IterableDataset.map` call on a stream: small, so the first batch of a stream is ready quickly and only a
 # few decoded images wait in memory (the DataLoader batches them again).
 STREAM_MAP_BATCH_SIZE = 16
@@ -461,6 +463,7 @@ def collate_image_batch(examples: list[dict[str, Any]]) -> dict[str, torch.Tenso
 
 __all__ = [
     "CORRUPT_IMAGE_MODES",
+    "EVAL_SPLIT_NAMES",
     "EMBEDDED_DATASETS",
     "ImageBatchTransform",
     "SeededImageDataset",

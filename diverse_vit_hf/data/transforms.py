@@ -11,7 +11,7 @@ import torch
 from PIL import Image as PILImage
 from torchvision.transforms import v2 as T
 
-from .augmentation import deit_train_transform
+from .augmentation import DEIT_EVAL_CROP_PCT, deit_train_transform
 from .images import ToRGB
 
 AUGMENTATIONS = ("none", "light", "deit")
@@ -41,13 +41,13 @@ def _size_pair(size: Any, key: str) -> tuple[int, int] | int:
         return int(fields["shortest_edge"])
     raise ValueError(
         f"Cannot read the image processor's {key} {size!r}: only {{'height', 'width'}} and {{'shortest_edge'}} sizes "
-        "are supported. Save the checkpoint with a ViT/DeiT image processor (e.g. size {'height': 224, 'width': 224})."
+        "are supported. Save the checkpoint with a ViT-style image processor (e.g. size {'height': 224, 'width': 224})."
     )
 
 
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    """What a ViT/DeiT image processor does to one image, as torchvision transforms.
+    """What a ViT-style image processor (that of any supported family) does to one image, as torchvision transforms.
 
     The transforms here reproduce the processor's own steps on the same kind of tensor (uint8 resize with antialias,
     center crop, rescale and normalise), so evaluation equals `processor(images)` and the saved processor makes a
@@ -72,7 +72,7 @@ class ImagePreprocessing:
 
     @classmethod
     def from_processor(cls, processor: Any) -> ImagePreprocessing:
-        """Read a (legacy or current) ViT/DeiT-style image processor: `size`, `do_center_crop`/`crop_size`,
+        """Read a (legacy or current) ViT-style image processor: `size`, `do_center_crop`/`crop_size`,
         `resample`, `do_rescale`/`rescale_factor`, `do_normalize`/`image_mean`/`image_std`."""
         resize = _size_pair(processor.size, "size") if getattr(processor, "do_resize", True) else None
         center_crop = bool(getattr(processor, "do_center_crop", False))
@@ -194,7 +194,7 @@ def build_image_transform(
     std: Sequence[float],
     train: bool,
     augmentation: str = "none",
-    crop_pct: float = 0.875,
+    crop_pct: float = DEIT_EVAL_CROP_PCT,
 ) -> T.Compose:
     """A transform from explicit sizes (no image processor): PIL image (any mode) -> normalised `(3, H, W)` tensor.
 

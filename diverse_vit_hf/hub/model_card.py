@@ -42,7 +42,6 @@ CARD_METADATA_FILE = "diverse_vit_card.json"
 WIDGET_DIR = "examples"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 REQUIRED_FILES = ("config.json", "preprocessor_config.json", "README.md")
 PAPER_URL = "https://arxiv.org/abs/2203.06345"
 DIVERSE_VIT_BIBTEX = """@inproceedings{chen2022principle,

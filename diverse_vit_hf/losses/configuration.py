@@ -16,6 +16,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 PATCH_COSINE_VARIANTS = ("signed", "gong")
+# The four coefficients of the objective, one per diversity term (fields of `DiversityConfig`).
+DIVERSITY_COEFFICIENTS = (
+    "patch_cosine_coef",
+    "patch_contrastive_coef",
+    "attention_cosine_coef",
+    "weight_condition_coef",
+)
 WEIGHT_ESTIMATORS = ("power", "exact")
 
 # Names of the loss terms as they appear in logs (`train/<name>` style keys without the prefix).
@@ -112,7 +119,7 @@ class DiversityConfig:
 
     def validate_diversity(self) -> None:
         """Raise `ValueError` with an actionable message for any invalid option."""
-        for name in ("patch_cosine_coef", "patch_contrastive_coef", "attention_cosine_coef", "weight_condition_coef"):
+        for name in DIVERSITY_COEFFICIENTS:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(

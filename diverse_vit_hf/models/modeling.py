@@ -1,9 +1,10 @@
-"""ViT / DeiT image classifiers that expose what the Diverse-ViT regularizers need.
+"""Image classifiers of the ViT family (ViT, DeiT, DINOv2, DINOv2 with registers, BEiT, ViT-MSN, I-JEPA) that expose
+what the Diverse-ViT regularizers need.
 
-`DiverseViTForImageClassification` and `DiverseDeiTForImageClassification` have exactly the parameters of
-their stock parents, load any HF ViT/DeiT checkpoint with `from_pretrained`, and save *plain* checkpoints
-(`config.json` names the stock architecture), so a diversified model runs in vanilla `transformers`,
-`pipeline("image-classification")` and Hub inference widgets without remote code.
+Each `Diverse*ForImageClassification` has exactly the parameters of its stock parent, loads any checkpoint of that
+family with `from_pretrained`, and saves *plain* checkpoints (`config.json` names the stock architecture), so a
+diversified model runs in vanilla `transformers`, `pipeline("image-classification")` and Hub inference widgets without
+remote code.
 
 With `return_diversity_outputs=True` the forward also returns `h^0`, the pre-LayerNorm `h^L`, block 1's
 attention probabilities and per-token logits. Only block 1 then runs an eager attention kernel (its
@@ -144,9 +145,9 @@ def _stock_class_name(model: nn.Module) -> str:
 class BranchDropout(nn.Module):
     """Dropout, then stochastic depth (drop path), on a residual branch's output. No parameters or buffers.
 
-    HF's ViT/DeiT layers apply their `dropout` module to exactly the two residual branches (attention and MLP)
+    HF's ViT-family layers apply their `dropout` module to exactly the two residual branches (attention and MLP)
     right before the residual add, so putting this module in its place gives `x + drop_path(dropout(f(x)))`,
-    as in timm/DeiT, without changing the parameter layout: checkpoints stay plain ViT/DeiT.
+    as in timm/DeiT, without changing the parameter layout: checkpoints stay plain checkpoints of the stock class.
 
     Args:
         dropout: element-wise dropout probability (the config's `hidden_dropout_prob`).
@@ -366,7 +367,7 @@ class DiverseModelMixin:
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False, **kwargs: Any):
-        """Save a plain ViT/DeiT checkpoint: safetensors weights and a `config.json` naming the stock class.
+        """Save a plain checkpoint of the stock class: safetensors weights and a `config.json` naming the stock class.
 
         With `push_to_hub=True` the folder is then uploaded through `push_to_hub` (same files).
         """

@@ -9,6 +9,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 
 from ..data.image_datasets import (
+    EVAL_SPLIT_NAMES,
     ensure_class_labels,
     load_embedded_dataset,
     resolve_columns,
@@ -38,7 +39,7 @@ def load_splits(
         dataset["train"], data_args.image_column_name, data_args.label_column_name
     )
     dataset = ensure_class_labels(dataset, label_column)
-    eval_split = next((s for s in ("validation", "valid", "val", "test") if s in dataset), None)
+    eval_split = next((s for s in EVAL_SPLIT_NAMES if s in dataset), None)
     if eval_split is None:
         train, evaluation = train_eval_split(dataset["train"], label_column, data_args.train_val_split, seed)
     else:
@@ -112,7 +113,7 @@ def load_streamed_splits(data_args: DataArguments, seed: int) -> tuple[IterableD
         )
     if "train" not in dataset:
         raise ValueError(f"The dataset has no 'train' split (splits: {list(dataset)}).")
-    eval_split = next((s for s in ("validation", "valid", "val", "test") if s in dataset), None)
+    eval_split = next((s for s in EVAL_SPLIT_NAMES if s in dataset), None)
     if eval_split is None:
         raise ValueError(
             f"--streaming needs an evaluation split (validation, valid, val or test), but the dataset has only "

@@ -30,14 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..losses.configuration import DiversityConfig
-
-DIVERSITY_COEFFICIENTS = (
-    "patch_cosine_coef",
-    "patch_contrastive_coef",
-    "attention_cosine_coef",
-    "weight_condition_coef",
-)
+from ..losses.configuration import DIVERSITY_COEFFICIENTS, DiversityConfig
 
 
 @dataclass(frozen=True)

@@ -505,9 +505,13 @@ class AtomicCheckpointsMixin:
             f"to where you want it (it loads with from_pretrained). {fallback}"
         )
 
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether the Trainer runs with sharded parameters (DeepSpeed ZeRO or FSDP, including FSDP on XLA)."""
+        return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False))
+
     def _loads_plain_weights(self, model: nn.Module, checkpoint: str) -> bool:
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False)
-        return loads_plain_weights(model, checkpoint, sharded)
+        return loads_plain_weights(model, checkpoint, self.shards_parameters)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)

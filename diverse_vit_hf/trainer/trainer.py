@@ -172,7 +172,7 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
             self.add_callback(self.signal_callback)
         self.ema_callback: ModelEMACallback | None = None
         if getattr(args, "model_ema", False):
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            if self.shards_parameters:
                 raise ValueError(
                     "--model_ema needs the full weights on every process; it does not support DeepSpeed or FSDP "
                     "(sharded parameters). Use DDP (plain `accelerate launch` / `torchrun`) or drop --model_ema."
