@@ -1,6 +1,6 @@
 """diverse-vit-hf: Diverse-ViT (Chen et al., CVPR 2022) for Hugging Face transformers.
 
-Train ViT-family models (ViT, DeiT, DINOv2, DINOv2 with registers, BEiT, ViT-MSN, I-JEPA) with diversity
+Train ViT-family models (ViT, DeiT, DINOv2, DINOv2 with registers, BEiT, ViT-MSN, I-JEPA, timm's ViTs) with diversity
 regularizers at the patch-embedding, attention and weight levels, using `transformers.Trainer`, `accelerate` and
 `datasets`, and save plain checkpoints of the stock classes that load anywhere.
 """
@@ -25,6 +25,7 @@ from .models.modeling import (
     DiverseDinov2WithRegistersForImageClassification,
     DiverseIJepaForImageClassification,
     DiverseImageClassifierOutput,
+    DiverseTimmWrapperForImageClassification,
     DiverseViTForImageClassification,
     DiverseViTMSNForImageClassification,
     diverse_model_class_for_config,
@@ -46,6 +47,7 @@ __all__ = [
     "DiverseDinov2WithRegistersForImageClassification",
     "DiverseIJepaForImageClassification",
     "DiverseImageClassifierOutput",
+    "DiverseTimmWrapperForImageClassification",
     "DiverseTrainer",
     "DiverseTrainingArguments",
     "DiverseViTForImageClassification",

@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.families import attention_module, backbone_layers, block_linear
+from ..models.families import (
+    attention_module,
+    backbone_layers,
+    block_linear,
+    block_weight,
+    embeddings_output,
+    fused_qkv,
+    qkv_weights,
+)
 from ..models.modeling import SUPPORTED_MODEL_TYPES
 from .metrics import (
     WeightMatrixStats,
@@ -33,8 +41,8 @@ QKV_MATRICES = ("q_proj", "k_proj", "v_proj")
 
 
 def check_supported_model(model: nn.Module) -> nn.Module:
-    """Return the backbone (the module holding `embeddings` and the blocks) of a supported family, or raise a clear
-    ValueError naming the supported model types."""
+    """Return the backbone (the module holding the embeddings, or timm's `norm_pre`, and the blocks) of a supported
+    family, or raise a clear ValueError naming the supported model types."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -44,18 +52,16 @@ def check_supported_model(model: nn.Module) -> nn.Module:
         )
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, model) if prefix else model
-    if getattr(backbone, "embeddings", None) is None:
-        raise ValueError(f"{type(model).__name__} has no `embeddings` module; cannot analyze it.")
+    try:
+        embeddings_output(backbone)
+    except ValueError as error:
+        raise ValueError(f"{type(model).__name__}: {error} Cannot analyze it.") from error
     for index, layer in enumerate(backbone_layers(backbone)):
         try:
-            block_linear(layer, "q_proj"), block_linear(layer, "k_proj")
+            qkv_weights(layer)
         except ValueError as error:
             raise ValueError(f"Block {index + 1}: {error} Cannot analyze it.") from error
     return backbone
-
-
-def _linear(layer: nn.Module, name: str) -> nn.Linear:
-    return block_linear(layer, name)
 
 
 def check_weight_matrices(names: Sequence[str]) -> tuple[str, ...]:
@@ -70,7 +76,7 @@ def check_weight_matrices(names: Sequence[str]) -> tuple[str, ...]:
 def weight_statistics(model: nn.Module, matrices: Sequence[str] = QKV_MATRICES) -> dict[str, list[WeightMatrixStats]]:
     """Per-block `WeightMatrixStats` of the chosen matrices: `{name: [block 1, ..., block L]}`."""
     layers = backbone_layers(check_supported_model(model))
-    return {name: [weight_matrix_stats(_linear(layer, name).weight) for layer in layers] for name in
+    return {name: [weight_matrix_stats(block_weight(layer, name)) for layer in layers] for name in
             check_weight_matrices(matrices)}  # fmt: skip
 
 
@@ -103,9 +109,10 @@ class RedundancyProbe:
     """Forward hooks on a ViT-family backbone that reduce hidden states and attention maps to per-image statistics
     while the model runs, and add them to `RunningMeans`.
 
-    Hooks: the embeddings (`h^0`), every block's output (`h^l`), and every block's `q_proj`/`k_proj` (the attention
-    map of block l is recomputed when its keys are ready, reduced, and kept only until block l + 1 has used it for
-    the cross-layer metric). Use as a context manager; the hooks are removed on exit.
+    Hooks: the embeddings (`h^0`; timm: `norm_pre`'s output), every block's output (`h^l`), and every block's
+    `q_proj`/`k_proj` (timm: the fused `qkv`, with its `q_norm`/`k_norm`) (the attention map of block l is
+    recomputed when its keys are ready, reduced, and kept only until block l + 1 has used it for the cross-layer
+    metric). Use as a context manager; the hooks are removed on exit.
     """
 
     def __init__(self, model: nn.Module, embedding: bool = True, attention: bool = True) -> None:
@@ -130,10 +137,13 @@ class RedundancyProbe:
         return len(backbone_layers(self.backbone))
 
     def __enter__(self) -> RedundancyProbe:
-        self._handles.append(self.backbone.embeddings.register_forward_hook(self._on_embeddings))
+        self._handles.append(embeddings_output(self.backbone).register_forward_hook(self._on_embeddings))
         for index, layer in enumerate(backbone_layers(self.backbone), start=1):
             self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
-            if self.attention:
+            qkv = fused_qkv(layer)
+            if self.attention and qkv is not None:
+                self._handles.append(qkv.register_forward_hook(self._qkv_hook(index, attention_module(layer))))
+            elif self.attention:
                 attention = attention_module(layer)
                 # BEiT's relative position bias reaches the kernel as the additive attention mask: keep it.
                 self._handles.append(attention.register_forward_pre_hook(self._mask_hook, with_kwargs=True))
@@ -220,16 +230,7 @@ class RedundancyProbe:
         def reduce(query: torch.Tensor, key: torch.Tensor) -> None:
             scale = scaling if scaling is not None else (query.shape[-1] // num_heads) ** -0.5
             mask, self._mask = self._mask, None
-            probs = attention_probabilities(query, key, num_heads, scale, mask)  # (B, H, N, N)
-            prefix = probs.shape[-1] - self._expected_patches
-            maps = flattened_head_maps(probs)
-            if num_heads >= 2:
-                self.stats.add("head_cosine", layer, head_cosine(maps))
-                self.stats.add("head_cosine_patches_only", layer, head_cosine(flattened_head_maps(probs, prefix)))
-            if self._previous_maps is not None:
-                self.stats.add("cross_layer_head_cosine", layer, cross_layer_head_cosine(maps, self._previous_maps))
-            del probs
-            self._previous_maps = maps  # the only map kept: block l + 1 compares against it
+            self._reduce_map(layer, attention_probabilities(query, key, num_heads, scale, mask))
 
         def on_key(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             if self._query is not None:
@@ -239,3 +240,31 @@ class RedundancyProbe:
                 self._key = (output.detach(), reduce)
 
         return on_key
+
+    def _qkv_hook(self, layer: int, attention: nn.Module) -> Callable[..., None]:
+        """The hook on timm's fused `qkv` of block `layer`: its output `(B, N, 3 * H * d)` splits into Q, K, V as
+        timm's `Attention.forward` splits it; `q_norm`/`k_norm` (identities unless QK-norm) and `scale` as there."""
+        num_heads, scale = attention.num_heads, attention.scale
+
+        def on_qkv(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            batch, tokens, _ = output.shape
+            qkv = output.detach().reshape(batch, tokens, 3, num_heads, -1)
+            query = attention.q_norm(qkv[:, :, 0]).flatten(2)
+            key = attention.k_norm(qkv[:, :, 1]).flatten(2)
+            self._reduce_map(layer, attention_probabilities(query, key, num_heads, scale))
+
+        return on_qkv
+
+    def _reduce_map(self, layer: int, probs: torch.Tensor) -> None:
+        """Add block `layer`'s `(B, H, N, N)` attention probabilities to the statistics, and keep its flattened maps
+        (the only map kept) for block `layer + 1`'s cross-layer metric."""
+        num_heads = probs.shape[1]
+        prefix = probs.shape[-1] - self._expected_patches
+        maps = flattened_head_maps(probs)
+        if num_heads >= 2:
+            self.stats.add("head_cosine", layer, head_cosine(maps))
+            self.stats.add("head_cosine_patches_only", layer, head_cosine(flattened_head_maps(probs, prefix)))
+        if self._previous_maps is not None:
+            self.stats.add("cross_layer_head_cosine", layer, cross_layer_head_cosine(maps, self._previous_maps))
+        del probs
+        self._previous_maps = maps

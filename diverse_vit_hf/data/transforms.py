@@ -1,8 +1,14 @@
 """Per-image transforms built from a model's image processor: evaluation (resize, crop, normalize as the processor
-does), the light training augmentation, and DeiT's (`augmentation.deit_train_transform`)."""
+does), the light training augmentation, and DeiT's (`augmentation.deit_train_transform`).
+
+Two kinds of processor are read: transformers' ViT-style processors (`size`, `crop_size`, `resample`, mean/std), and
+transformers' `TimmWrapperImageProcessor` of a timm checkpoint, which holds timm's resolved data config (`data_config`:
+`input_size`, `interpolation`, `crop_pct`, `crop_mode`, mean/std from the checkpoint's `pretrained_cfg`) and
+evaluates with timm's own eval transform (`TimmPreprocessing`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +21,26 @@ from .augmentation import DEIT_EVAL_CROP_PCT, deit_train_transform
 from .images import ToRGB
 
 AUGMENTATIONS = ("none", "light", "deit")
+
+
+# timm's interpolation names (`pretrained_cfg["interpolation"]`) -> torchvision interpolation.
+_TIMM_INTERPOLATION = {
+    "nearest": T.InterpolationMode.NEAREST,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "lanczos": T.InterpolationMode.LANCZOS,
+    "box": T.InterpolationMode.BOX,
+    "hamming": T.InterpolationMode.HAMMING,
+}
+
+
+def timm_data_config(processor: Any) -> dict[str, Any] | None:
+    """The timm data config of a `TimmWrapperImageProcessor` (`timm.data.resolve_data_config` of the checkpoint's
+    `pretrained_cfg`), or None for any other processor."""
+    config = getattr(processor, "data_config", None)
+    if isinstance(config, dict) and "input_size" in config and "mean" in config:
+        return config
+    return None
 
 
 # PIL resample codes (what `preprocessor_config.json` stores as `resample`) -> torchvision interpolation.
@@ -73,7 +99,11 @@ class ImagePreprocessing:
     @classmethod
     def from_processor(cls, processor: Any) -> ImagePreprocessing:
         """Read a (legacy or current) ViT-style image processor: `size`, `do_center_crop`/`crop_size`,
-        `resample`, `do_rescale`/`rescale_factor`, `do_normalize`/`image_mean`/`image_std`."""
+        `resample`, `do_rescale`/`rescale_factor`, `do_normalize`/`image_mean`/`image_std`; or a timm checkpoint's
+        `TimmWrapperImageProcessor` (a `TimmPreprocessing`)."""
+        data_config = timm_data_config(processor)
+        if data_config is not None:
+            return TimmPreprocessing.from_data_config(data_config)
         resize = _size_pair(processor.size, "size") if getattr(processor, "do_resize", True) else None
         center_crop = bool(getattr(processor, "do_center_crop", False))
         if center_crop:
@@ -144,6 +174,50 @@ class ImagePreprocessing:
         return _deit_train_transform(self.input_size, self.mean, self.std, self.interpolation)
 
 
+@dataclass(frozen=True)
+class TimmPreprocessing(ImagePreprocessing):
+    """A timm checkpoint's preprocessing (its `TimmWrapperImageProcessor`'s `data_config`).
+
+    Evaluation is timm's own eval transform, `timm.data.create_transform(**data_config, is_training=False)` (for
+    `crop_mode: center`: resize the shorter edge to `floor(size / crop_pct)`, center crop, normalise), after an RGB
+    conversion, so it equals what `TimmWrapperImageProcessor` (and a `pipeline`, which converts to RGB) feeds the
+    model. Training crops to the model's input size like every family (`ImagePreprocessing.train_transform`, with
+    the checkpoint's interpolation, mean and std). The other fields describe the center-crop evaluation.
+
+    Attributes:
+        data_config: the timm data config (`input_size`, `interpolation`, `mean`, `std`, `crop_pct`, `crop_mode`).
+    """
+
+    data_config: dict[str, Any] | None = None
+
+    @classmethod
+    def from_data_config(cls, data_config: dict[str, Any]) -> TimmPreprocessing:
+        """Read `input_size`, `interpolation`, `crop_pct`, `mean` and `std` of a timm data config."""
+        _, height, width = (int(v) for v in data_config["input_size"])
+        name = str(data_config.get("interpolation", "bicubic"))
+        if name not in _TIMM_INTERPOLATION:
+            raise ValueError(
+                f"Unknown interpolation {name!r} in the timm checkpoint's pretrained_cfg; expected one of "
+                f"{sorted(_TIMM_INTERPOLATION)}."
+            )
+        crop_pct = float(data_config.get("crop_pct") or 1.0)
+        return cls(
+            input_size=(height, width),
+            resize=math.floor(min(height, width) / crop_pct),
+            center_crop=True,
+            interpolation=_TIMM_INTERPOLATION[name],
+            mean=tuple(float(m) for m in data_config["mean"]),
+            std=tuple(float(s) for s in data_config["std"]),
+            data_config=dict(data_config),
+        )
+
+    def eval_transform(self) -> T.Compose:
+        """PIL image (any mode) -> `(3, H, W)` float tensor: RGB, then timm's eval transform of the data config."""
+        from timm.data import create_transform
+
+        return T.Compose([ToRGB(), create_transform(**self.data_config, is_training=False)])
+
+
 def processor_transforms(
     processor: Any, augmentation: str = "none"
 ) -> tuple[Callable[[PILImage.Image], torch.Tensor], T.Compose]:
@@ -161,9 +235,13 @@ def prepare_processor(processor: Any) -> Any:
     """Make the image processor saved with a model preprocess exactly as training evaluated (in place; returned).
 
     `do_convert_rgb` is switched on, so `processor(images)` accepts grayscale, RGBA and CMYK images as training did; a
-    processor that resizes the shorter edge without cropping gets the square center crop that evaluation uses.
+    processor that resizes the shorter edge without cropping gets the square center crop that evaluation uses. A
+    timm checkpoint's `TimmWrapperImageProcessor` is left as it is: it is the checkpoint's `pretrained_cfg`, saved in
+    the model's config.json (a `pipeline` converts images to RGB before it).
     """
     preprocessing = ImagePreprocessing.from_processor(processor)
+    if isinstance(preprocessing, TimmPreprocessing):
+        return processor
     processor.do_convert_rgb = True
     if preprocessing.center_crop and not getattr(processor, "do_center_crop", False):
         height, width = preprocessing.input_size
@@ -231,9 +309,11 @@ def image_size_from_processor(processor: Any) -> tuple[int, int]:
 __all__ = [
     "AUGMENTATIONS",
     "ImagePreprocessing",
+    "TimmPreprocessing",
     "build_image_transform",
     "image_size_from_processor",
     "model_input_size",
     "prepare_processor",
     "processor_transforms",
+    "timm_data_config",
 ]

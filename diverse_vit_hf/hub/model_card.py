@@ -1,7 +1,8 @@
 """Model cards and Hub uploads for Diverse-ViT checkpoints.
 
 `build_model_card` renders the package's `templates/diverse_vit_card_template.md` with
-`huggingface_hub.ModelCard.from_template`: metadata (`library_name: transformers`, `pipeline_tag: image-classification`,
+`huggingface_hub.ModelCard.from_template`: metadata (`library_name: transformers`, or `timm` for a timm checkpoint,
+`pipeline_tag: image-classification`,
 base model, datasets, metrics, `model-index` eval results, widget images, tags), the diversity recipe
 (`DiversityConfig.diversity_dict()`), the redundancy table and plots, how to load the model with a plain `pipeline`,
 and the paper's citation.
@@ -31,9 +32,12 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..analysis import PLOT_FILES, RedundancyReport, summary_table_markdown
+from ..analysis.plotting import PLOT_FILES
+from ..analysis.redundancy import RedundancyReport
+from ..analysis.report import summary_table_markdown
 from ..losses.configuration import DiversityConfig
 from ..models.modeling import SUPPORTED_MODEL_TYPES
+from ..models.timm_vit import is_timm_checkpoint_config, timm_checkpoint_details
 from ..utils.fileio import atomic_write, atomic_write_text
 
 # The card template ships inside the package (package data), so it is there however the package was installed.
@@ -43,6 +47,9 @@ WIDGET_DIR = "examples"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 REQUIRED_FILES = ("config.json", "preprocessor_config.json", "README.md")
+# A timm checkpoint (transformers' TimmWrapper) keeps its preprocessing in config.json (`pretrained_cfg`): no
+# preprocessor_config.json.
+TIMM_REQUIRED_FILES = ("config.json", "README.md")
 PAPER_URL = "https://arxiv.org/abs/2203.06345"
 DIVERSE_VIT_BIBTEX = """@inproceedings{chen2022principle,
   title         = {The Principle of Diversity: Training Stronger Vision Transformers Calls for Reducing All Levels
@@ -117,6 +124,25 @@ def _format_value(value: Any) -> str:
 
 def _config_dict(config: Any) -> dict[str, Any]:
     return config if isinstance(config, dict) else config.to_dict()
+
+
+def _labels(config: dict[str, Any]) -> list[str]:
+    """Class names in index order: transformers' `id2label`, or a timm config's `label_names` (a list, or a dict of
+    index -> name)."""
+    id2label = config.get("id2label") or {}
+    if not id2label and is_timm_checkpoint_config(config):
+        names = config.get("label_names") or []
+        id2label = dict(enumerate(names)) if isinstance(names, list) else dict(names)
+    return [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
+
+
+def _model_details(config: dict[str, Any]) -> dict[str, Any]:
+    """Blocks, heads, widths, image and patch size for the card: the config's own fields, or for a timm checkpoint
+    those of the model its `architecture` and `model_args` build (`timm_checkpoint_details`)."""
+    if is_timm_checkpoint_config(config):
+        return timm_checkpoint_details(config)
+    keys = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "image_size", "patch_size")
+    return {key: config.get(key) for key in keys}
 
 
 @dataclass
@@ -213,8 +239,9 @@ def build_model_card(
     if isinstance(diversity, dict):
         diversity = DiversityConfig.from_object(diversity)
     architecture = (config.get("architectures") or ["ViTForImageClassification"])[0]
-    id2label = config.get("id2label") or {}
-    labels = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
+    is_timm = is_timm_checkpoint_config(config)
+    details = _model_details(config)
+    labels = _labels(config)
     labels_text = ", ".join(f"`{label}`" for label in labels[:20]) + (" ..." if len(labels) > 20 else "")
     model_name = inputs.model_name or (repo_id.split("/")[-1] if repo_id else "Diverse-ViT model")
     is_baseline = diversity is not None and diversity.is_paper_baseline
@@ -247,10 +274,14 @@ def build_model_card(
             {"src": f"{base}/{repo_id}/resolve/main/{path}", "example_title": title} for path, title in widget_images
         ]
     tags = ["diverse-vit", "vision", "image-classification", model_type.replace("_", "-"), *inputs.tags]
+    if is_timm:
+        # As timm's own repositories: `library_name: timm` (the Hub's timm integration: its `timm.create_model(
+        # "hf-hub:...")` snippet and filter), and the `transformers` tag of those transformers' TimmWrapper loads too.
+        tags += [tag for tag in ("timm", "transformers") if tag not in tags]
     if is_baseline:
         tags.append("baseline")
     card_data = ModelCardData(
-        library_name="transformers",
+        library_name="timm" if is_timm else "transformers",
         pipeline_tag="image-classification",
         license=inputs.license,
         base_model=inputs.base_model,
@@ -288,12 +319,12 @@ def build_model_card(
             repo_id=repo_id or "<namespace>/<model-name>",
             architecture=architecture,
             model_type=model_type,
-            num_layers=config.get("num_hidden_layers"),
-            num_heads=config.get("num_attention_heads"),
-            hidden_size=config.get("hidden_size"),
-            intermediate_size=config.get("intermediate_size"),
-            image_size=config.get("image_size"),
-            patch_size=config.get("patch_size"),
+            num_layers=details["num_hidden_layers"],
+            num_heads=details["num_attention_heads"],
+            hidden_size=details["hidden_size"],
+            intermediate_size=details["intermediate_size"],
+            image_size=details["image_size"],
+            patch_size=details["patch_size"],
             num_parameters=f"{num_parameters:,}" if num_parameters else "n/a",
             num_labels=len(labels),
             labels=labels_text or "n/a",
@@ -431,8 +462,9 @@ def validate_card_offline(card: ModelCard | str | os.PathLike) -> ModelCard:
         raise ValueError(f"The model card metadata is invalid: {error}") from error
     data = loaded.data
     problems = []
-    if data.library_name != "transformers":
-        problems.append(f"library_name is {data.library_name!r}, expected 'transformers'")
+    library = "timm" if "timm" in (data.tags or []) else "transformers"  # a timm checkpoint's card is tagged `timm`
+    if data.library_name != library:
+        problems.append(f"library_name is {data.library_name!r}, expected {library!r}")
     if data.pipeline_tag != "image-classification":
         problems.append(f"pipeline_tag is {data.pipeline_tag!r}, expected 'image-classification'")
     if "diverse-vit" not in (data.tags or []):
@@ -456,14 +488,17 @@ def save_model_card(card: ModelCard, model_dir: str | os.PathLike, token: str | 
 def files_to_push(model_dir: str | os.PathLike) -> list[str]:
     """The files of a model folder that belong on the Hub, as POSIX paths relative to the folder.
 
-    Weights (safetensors, possibly sharded with an index), `config.json`, `preprocessor_config.json`, `README.md`,
-    `redundancy.json`, the redundancy plots and `examples/` widget images. Checkpoints, optimizer states, pickles and
-    `training_args.json` (which holds local paths) stay local.
+    Weights (safetensors, possibly sharded with an index), `config.json`, `preprocessor_config.json` (not for a timm
+    checkpoint, whose preprocessing is in config.json), `README.md`, `redundancy.json`, the redundancy plots and
+    `examples/` widget images. Checkpoints, optimizer states, pickles and `training_args.json` (which holds local paths)
+    stay local.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"Model folder {str(model_dir)!r} does not exist.")
-    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
+    config = _read_json(model_dir / "config.json")
+    required = TIMM_REQUIRED_FILES if config is not None and is_timm_checkpoint_config(config) else REQUIRED_FILES
+    missing = [name for name in required if not (model_dir / name).is_file()]
     weights = sorted(p.name for p in model_dir.glob("model*.safetensors"))
     if not weights:
         missing.append("model.safetensors")
@@ -472,7 +507,7 @@ def files_to_push(model_dir: str | os.PathLike) -> list[str]:
             f"The model folder lacks {missing}. Save the model and image processor with save_pretrained and write the "
             "card (diverse-vit card / save_model_card) before pushing."
         )
-    files = ["config.json", "preprocessor_config.json", "README.md", *weights]
+    files = [*required, *weights]
     if (model_dir / "model.safetensors.index.json").is_file():
         files.append("model.safetensors.index.json")
     files += [name for name in ("redundancy.json", *PLOT_FILES.values()) if (model_dir / name).is_file()]

@@ -1,5 +1,5 @@
-"""Image classifiers of the ViT family (ViT, DeiT, DINOv2, DINOv2 with registers, BEiT, ViT-MSN, I-JEPA) that expose
-what the Diverse-ViT regularizers need.
+"""Image classifiers of the ViT family (ViT, DeiT, DINOv2, DINOv2 with registers, BEiT, ViT-MSN, I-JEPA, and timm's
+ViTs through transformers' TimmWrapper) that expose what the Diverse-ViT regularizers need.
 
 Each `Diverse*ForImageClassification` has exactly the parameters of its stock parent, loads any checkpoint of that
 family with `from_pretrained`, and saves *plain* checkpoints (`config.json` names the stock architecture), so a
@@ -33,17 +33,27 @@ from transformers import (
     Dinov2WithRegistersForImageClassification,
     IJepaForImageClassification,
     PretrainedConfig,
+    TimmWrapperForImageClassification,
     ViTForImageClassification,
     ViTMSNForImageClassification,
 )
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
 
 from ..losses.mixing import check_patch_grid
 from ..losses.regularizers import soft_target_cross_entropy
 from ..utils.distributed import full_weight
 from ..utils.fileio import atomic_write_text
-from .families import attention_module, backbone_layers, block_linear, final_norm
+from .families import attention_module, backbone_layers, embeddings_output, final_norm, qkv_weights
+from .timm_vit import (
+    TIMM_CONFIG_ATTRIBUTES,
+    check_timm_vision_transformer,
+    default_pretrained_cfg,
+    set_timm_drop_path_rate,
+    timm_config_attributes,
+    timm_token_head,
+    uses_reentrant_checkpointing,
+)
 
 BLOCK1_EAGER_PREFIX = "diverse_vit_block1_eager+"
 
@@ -204,13 +214,7 @@ class DiverseModelMixin:
         Returns:
             `(3 * L, D_attn, D)` in block order `[Q_1, K_1, V_1, Q_2, ...]`.
         """
-        return torch.stack(
-            [
-                full_weight(block_linear(layer, name).weight)
-                for layer in self.diversity_layers
-                for name in ("q_proj", "k_proj", "v_proj")
-            ]
-        )
+        return torch.stack([weight for layer in self.diversity_layers for weight in qkv_weights(layer, full_weight)])
 
     def set_drop_path_rate(self, drop_path_rate: float) -> list[float]:
         """Enable stochastic depth with the DeiT/timm schedule: rate `i / (L - 1) * drop_path_rate` for block i.
@@ -240,9 +244,10 @@ class DiverseModelMixin:
             self.set_attn_implementation(register_block1_eager_attention(implementation))
         attention_module(self.diversity_layers[0])._diverse_capture_probs = True
         backbone = self.backbone
-        if not getattr(backbone.embeddings, "_diverse_hooked", False):
-            backbone.embeddings.register_forward_hook(_sink_output)
-            backbone.embeddings._diverse_hooked = True
+        embeddings = embeddings_output(backbone)
+        if not getattr(embeddings, "_diverse_hooked", False):
+            embeddings.register_forward_hook(_sink_output)
+            embeddings._diverse_hooked = True
         norm = final_norm(backbone)
         if not getattr(norm, "_diverse_hooked", False):
             norm.register_forward_pre_hook(_sink_input)
@@ -506,6 +511,191 @@ class DiverseIJepaForImageClassification(DiverseModelMixin, IJepaForImageClassif
         return self.classifier(sequence_output.mean(dim=1)), token_logits
 
 
+class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperForImageClassification):
+    """transformers' `TimmWrapperForImageClassification` around a timm ViT (e.g. `timm/deit_small_patch16_224.fb_in1k`,
+    `timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`, `timm/vit_small_patch14_reg4_dinov2.lvd142m`) that can return
+    the regularizers' inputs. Which timm models are taken, and what is read where: `timm_vit.py`.
+
+    Prefix tokens: timm's `num_prefix_tokens` (class token + registers). Block 1's attention runs timm's unfused path
+    (`blocks[0].attn.fused_attn = False`, set once by `install_block1_attention_capture` and kept, as the other
+    families keep block 1's eager kernel, so activation-checkpoint recomputation and compiled graphs see one path);
+    its probabilities are captured at `attn.attn_drop`, before the dropout. Every other block keeps timm's setting
+    (the fused `scaled_dot_product_attention`). `h^0` and `h^L` come from hooks on `norm_pre` and `norm` within the one
+    `forward_features` pass; the per-token logits from the model's own head (`timm_vit.timm_token_head`).
+
+    The configuration gains the attributes the package reads from every family (`image_size`, `patch_size`,
+    `num_channels`, `hidden_size`, ...: `timm_vit.TIMM_CONFIG_ATTRIBUTES`), read from the built timm model; they are
+    not saved. `save_pretrained` writes what the stock wrapper writes: a timm checkpoint (config.json with
+    `architecture`, `pretrained_cfg`, `num_classes`, `label_names`; model.safetensors with timm's parameter names) that
+    `timm.create_model("local-dir:<folder>")`, `AutoModelForImageClassification` and `pipeline("image-classification")`
+    load, with `architectures: ["TimmWrapperForImageClassification"]`.
+    """
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        check_timm_vision_transformer(self.timm_model, config.architecture)
+        for key, value in timm_config_attributes(self.timm_model).items():
+            setattr(self.config, key, value)
+        if not isinstance(getattr(self.config, "pretrained_cfg", None), dict):
+            # Built from a bare config: give it the preprocessing a saved timm checkpoint needs.
+            self.config.pretrained_cfg = default_pretrained_cfg(self.timm_model)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.timm_model.num_prefix_tokens)
+
+    def set_drop_path_rate(self, drop_path_rate: float) -> list[float]:
+        """Stochastic depth with timm's own `DropPath` modules in the DeiT/timm schedule (rate `i / (L - 1) * r` for
+        block i, `timm_vit.set_timm_drop_path_rate`): what `timm.create_model(..., drop_path_rate=r)` builds. No
+        parameters are added; call again with 0 to turn it off. Returns the per-block rates."""
+        return set_timm_drop_path_rate(self.timm_model, drop_path_rate)
+
+    def install_block1_attention_capture(self) -> None:
+        """Take block 1 (only) off the fused kernel and hook its attention dropout (input: the probabilities),
+        `norm_pre` (output: `h^0`) and `norm` (input: `h^L`). Done once; the hooks write only while a diversity
+        forward has set their sinks."""
+        model = self.timm_model
+        attention = self.diversity_layers[0].attn
+        attention.fused_attn = False
+        for module, hook, pre in (
+            (attention.attn_drop, _sink_input, True),
+            (embeddings_output(model), _sink_output, False),
+            (final_norm(model), _sink_input, True),
+        ):
+            if not getattr(module, "_diverse_hooked", False):
+                (module.register_forward_pre_hook if pre else module.register_forward_hook)(hook)
+                module._diverse_hooked = True
+
+    def check_pixel_values(
+        self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None = None
+    ) -> None:
+        """Raise a clear `ValueError` for images this model cannot take (timm's own asserts say less)."""
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required: a (batch, channels, height, width) tensor of images.")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        channels, height, width = pixel_values.shape[1:]
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"The model expects {self.config.num_channels}-channel images but got {channels} channels. Convert "
+                "the images (e.g. PIL `image.convert('RGB')`)."
+            )
+        check_patch_grid(height, width, self.config.patch_size)
+        embed = self.timm_model.patch_embed
+        if getattr(self.timm_model, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
+            return
+        expected = tuple(embed.img_size)
+        if (height, width) != expected:
+            raise ValueError(
+                f"The model was built for {expected[0]}x{expected[1]} images but got {height}x{width}. Resize the "
+                "images with the model's image processor (AutoImageProcessor: timm's evaluation transform)."
+            )
+
+    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See `timm_vit.timm_token_head`; `sequence_output` is `forward_features`' output `norm(h^L)`."""
+        return timm_token_head(self.timm_model, sequence_output)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_diversity_outputs: bool = False,
+        **kwargs: Any,
+    ) -> ImageClassifierOutput | DiverseImageClassifierOutput:
+        """Classify images; optionally also return the regularizers' inputs.
+
+        Args:
+            pixel_values: `(B, C, H, W)` images, preprocessed by the checkpoint's `TimmWrapperImageProcessor`.
+            labels: `(B,)` class indices or `(B, num_labels)` soft targets (soft-target cross-entropy).
+            return_diversity_outputs: also return `h^0`, pre-norm `h^L`, block-1 attention probabilities and
+                per-token logits (a `DiverseImageClassifierOutput`). Without it the forward is the stock wrapper's
+                (`output_hidden_states` etc. as there).
+        """
+        self.check_pixel_values(pixel_values)
+        soft_labels = labels is not None and labels.is_floating_point()
+        if not return_diversity_outputs:
+            outputs = TimmWrapperForImageClassification.forward(
+                self, pixel_values, labels=None if soft_labels else labels, **kwargs
+            )
+            if soft_labels and isinstance(outputs, ImageClassifierOutput):
+                outputs.loss = soft_target_cross_entropy(outputs.logits, labels)
+            return outputs
+
+        unsupported = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+        if unsupported:
+            raise ValueError(
+                f"{unsupported} cannot be combined with `return_diversity_outputs=True`, which returns only the "
+                "tensors the regularizers need. Run a separate forward for hidden states."
+            )
+        model = self.timm_model
+        if model.grad_checkpointing and torch.is_grad_enabled() and uses_reentrant_checkpointing():
+            raise ValueError(
+                "timm's re-entrant activation checkpointing (TIMM_REENTRANT_CKPT=1) runs the blocks without autograd "
+                "and would detach block 1's captured attention probabilities from the loss. Unset TIMM_REENTRANT_CKPT "
+                "(timm's default, non-reentrant checkpointing, keeps them in the graph) or turn gradient "
+                "checkpointing off."
+            )
+        self.install_block1_attention_capture()
+        sink: list[torch.Tensor] = []
+        first: list[torch.Tensor] = []
+        last: list[torch.Tensor] = []
+        probs_module, embeddings, norm = model.blocks[0].attn.attn_drop, embeddings_output(model), final_norm(model)
+        probs_module._diverse_sink, embeddings._diverse_sink, norm._diverse_sink = sink, first, last
+        try:
+            features = model.forward_features(pixel_values.to(self.device, self.dtype))
+        finally:
+            probs_module._diverse_sink = embeddings._diverse_sink = norm._diverse_sink = None
+        if len(sink) != 1 or len(first) != 1 or len(last) != 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: the regularizers' inputs were not all captured once (block-1 "
+                f"probabilities {len(sink)}, h^0 {len(first)}, h^L {len(last)}); this timm version lays the model out "
+                "differently."
+            )
+        logits, token_logits = self.token_head(features)
+        return DiverseImageClassifierOutput(
+            loss=soft_target_cross_entropy(logits, labels) if labels is not None else None,
+            logits=logits,
+            first_hidden_state=first[0],
+            last_block_hidden_state=last[0],
+            first_block_attention_probs=sink[0],
+            token_logits=token_logits,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Save what the stock wrapper saves (a timm checkpoint, see the class), without the configuration attributes
+        this class adds (`timm_vit.TIMM_CONFIG_ATTRIBUTES`)."""
+        if getattr(self, "_weight_conversions", None) is None:
+            # Built from a config rather than loaded: transformers would keep the wrapper's `timm_model.` prefix (it
+            # reverts only the conversions a load used); save timm's names all the same.
+            from transformers import conversion_mapping
+
+            self._weight_conversions = conversion_mapping.get_checkpoint_conversion_mapping("timm_wrapper") or None
+        added = {key: self.config.__dict__.pop(key) for key in TIMM_CONFIG_ATTRIBUTES if key in self.config.__dict__}
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            for key, value in added.items():
+                setattr(self.config, key, value)
+
+
+def _register_timm_weight_names(model_class: type[PreTrainedModel]) -> None:
+    """Give `model_class` transformers' `timm_wrapper` weight-name conversion (a timm checkpoint's `blocks.0...` <->
+    the wrapper's `timm_model.blocks.0...`, applied when loading and reverted when saving). transformers applies it by
+    `model_type` to its own classes only: since 5.2x it skips classes defined elsewhere unless they are registered,
+    and ours would then save `timm_model.`-prefixed weights that timm cannot load. Registered by class name."""
+    from transformers import conversion_mapping
+
+    register = getattr(conversion_mapping, "register_checkpoint_conversion_mapping", None)
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping("timm_wrapper")
+    if register is not None and mapping:
+        register(model_class.__name__, mapping, overwrite=True)
+
+
+_register_timm_weight_names(DiverseTimmWrapperForImageClassification)
+
+
 DIVERSE_MODEL_CLASSES: dict[str, type[DiverseModelMixin]] = {
     "vit": DiverseViTForImageClassification,
     "deit": DiverseDeiTForImageClassification,
@@ -514,6 +704,7 @@ DIVERSE_MODEL_CLASSES: dict[str, type[DiverseModelMixin]] = {
     "dinov2_with_registers": DiverseDinov2WithRegistersForImageClassification,
     "beit": DiverseBeitForImageClassification,
     "ijepa": DiverseIJepaForImageClassification,
+    "timm_wrapper": DiverseTimmWrapperForImageClassification,
 }
 SUPPORTED_MODEL_TYPES = tuple(DIVERSE_MODEL_CLASSES)
 # Families whose transformers classes cannot give the block-1 contract, and why (the error says so).
@@ -534,7 +725,8 @@ def diverse_model_class_for_config(config: PretrainedConfig) -> type[DiverseMode
             f"This checkpoint has model_type {model_type!r}, which Diverse-ViT does not support"
             + (f": {reason}." if reason else ".")
             + f" Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} (e.g. facebook/deit-small-patch16-224, "
-            "facebook/dinov2-small-imagenet1k-1-layer, microsoft/beit-base-patch16-224)."
+            "facebook/dinov2-small-imagenet1k-1-layer, microsoft/beit-base-patch16-224, and timm's ViTs such as "
+            "timm/deit_small_patch16_224.fb_in1k)."
         )
     return DIVERSE_MODEL_CLASSES[model_type]
 
@@ -579,6 +771,7 @@ __all__ = [
     "DiverseDinov2WithRegistersForImageClassification",
     "DiverseIJepaForImageClassification",
     "DiverseImageClassifierOutput",
+    "DiverseTimmWrapperForImageClassification",
     "DiverseModelMixin",
     "DiverseViTForImageClassification",
     "DiverseViTMSNForImageClassification",

@@ -7,13 +7,17 @@ import re
 from torch import nn
 
 # Parameters AdamW must not decay (timm's `no_weight_decay` of ViT, DeiT, BEiT and DINOv2): learned tokens, position
-# embeddings and BEiT's relative position bias tables, by the last component of their name. Biases, norm weights and
-# every other 1-D parameter (layer scales) are matched separately, as timm's `param_groups_weight_decay` does.
+# embeddings and BEiT's relative position bias tables, by the last component of their name, in transformers' names
+# and in timm's own (`timm_model.cls_token`, `reg_token`, `dist_token`, `pos_embed` of a TimmWrapper model). Biases,
+# norm weights and every other 1-D parameter (layer scales) are matched separately, as timm's
+# `param_groups_weight_decay` does.
 NO_DECAY_PARAMETER_NAMES = (
     "cls_token",
     "distillation_token",
+    "dist_token",
     "mask_token",
     "register_tokens",
+    "reg_token",
     "position_embeddings",
     "pos_embed",
     "relative_position_bias_table",
