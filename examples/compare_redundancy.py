@@ -26,7 +26,6 @@ which can slow small-model training on CPU by an order of magnitude.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import shutil
@@ -56,11 +55,11 @@ from diverse_vit_hf.hub.model_card import (
     save_model_card,
     save_widget_images,
 )
+from diverse_vit_hf.scripts import train as train_script
 from diverse_vit_hf.scripts.study_statistics import STUDY_ARMS
 from diverse_vit_hf.utils.fileio import atomic_write_text
 
 logger = logging.getLogger("compare_redundancy")
-RUN_DIVERSE = Path(__file__).resolve().parent / "run_diverse.py"
 BASELINE_FLAGS = STUDY_ARMS["baseline"].flags  # the paper's baseline: only the diversity terms differ
 
 
@@ -112,15 +111,6 @@ LEVEL_VERDICT_KEYS = {
     "attention": ("attn_cos_block1", "attn_cos_mean"),
     "weights": ("qkv_row_abs_cos_mean", "qkv_cond_mean"),
 }
-
-
-def load_run_diverse() -> Any:
-    """Import examples/run_diverse.py as a module (registered in sys.modules so its dataclasses resolve)."""
-    spec = importlib.util.spec_from_file_location("run_diverse", RUN_DIVERSE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -256,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[RedundancyReport, dic
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    run_diverse = load_run_diverse()
+    run_diverse = train_script
     results = {dataset: run_dataset(args, dataset, run_diverse) for dataset in args.datasets}
     command = "python examples/compare_redundancy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     summary = render_summary(results, command.strip())

@@ -6,14 +6,17 @@ With no arguments it trains the offline demo (a small ViT from scratch on the 5,
 `transformers` loads:
 
     accelerate launch examples/run_diverse_no_trainer.py
-    accelerate launch --mixed_precision bf16 examples/run_diverse_no_trainer.py --model facebook/deit-small-patch16-224
+    accelerate launch --mixed_precision bf16 examples/run_diverse_no_trainer.py \
+        --model_name_or_path facebook/deit-small-patch16-224
     accelerate launch examples/run_diverse_no_trainer.py --resume_from_checkpoint last
+    python examples/run_diverse_no_trainer.py args.yaml  # every flag from one JSON or YAML file
 
 The loss is `diverse_vit_hf.DiversityObjective`, the same object `DiverseTrainer.compute_loss` calls, so both
 scripts optimise the same thing: for the same seed and settings their first steps' losses are equal (tested). The
 model, data and recipe flags are those of `run_diverse.py` (`ModelArguments`, `DataArguments`, the method's options);
 the loop's own flags are in `LoopArguments`. Not here (use `run_diverse.py` for them): the non-finite guard, model
-EMA, repeated augmentation, streaming and the Hub upload.
+EMA, repeated augmentation, streaming and the Hub upload. Bad arguments or data exit with status 2 and a one-line
+message.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,11 +47,13 @@ from diverse_vit_hf.data.image_datasets import (
 )
 from diverse_vit_hf.data.transforms import prepare_processor, processor_transforms
 from diverse_vit_hf.hub.model_card import CardInputs, card_from_folder, save_model_card
-from diverse_vit_hf.scripts.arguments import DataArguments, ModelArguments
+from diverse_vit_hf.scripts.arguments import DataArguments, ModelArguments, parse_arguments
 from diverse_vit_hf.scripts.model_builder import build_classifier
 from diverse_vit_hf.scripts.splits import load_splits
+from diverse_vit_hf.scripts.train import EXIT_CODES, LOG_FORMAT, check_image_column, exit_code, set_log_levels
 from diverse_vit_hf.trainer.checkpointing import check_output_dir
 from diverse_vit_hf.trainer.optim import adamw_parameter_groups
+from diverse_vit_hf.utils.distributed import end_process_group
 from diverse_vit_hf.utils.fileio import atomic_write_text
 
 logger = logging.getLogger("run_diverse_no_trainer")
@@ -147,14 +153,18 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = HfArgumentParser((ModelArguments, DataArguments, LoopArguments, DiversityConfig))
-    model_args, data_args, loop, diversity = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    argv = sys.argv[1:] if argv is None else argv
+    model_args, data_args, loop, diversity = parse_arguments(parser, argv, "python examples/run_diverse_no_trainer.py")
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     accelerator = Accelerator(
         gradient_accumulation_steps=loop.gradient_accumulation_steps,
         mixed_precision=loop.mixed_precision,
         # The data order comes from the seed, the same on every process (Trainer: data_seed).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=loop.seed),
     )
+    # Logs print once: this script's INFO lines on the main process of each node, warnings and errors elsewhere.
+    main_process = accelerator.is_local_main_process
+    set_log_levels(logger, logging.INFO if main_process else logging.WARNING, logging.WARNING)
     output_dir = Path(loop.output_dir)
     resume = newest_checkpoint(output_dir) if loop.resume_from_checkpoint == "last" else loop.resume_from_checkpoint
     if loop.resume_from_checkpoint == "last" and resume is None:
@@ -163,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     set_seed(loop.seed)  # the same model on every process
     train, evaluation, image_column, label_column = load_splits(data_args, loop.seed)
+    check_image_column(train, image_column)
     labels = class_names(train, label_column)
     model, processor = build_classifier(model_args, labels)
     prepare_processor(processor)
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         atomic_write_text(output_dir / "training_args.json", json.dumps(settings, indent=2) + "\n")
         atomic_write_text(output_dir / "eval_results.json", json.dumps(metrics, indent=2) + "\n")
         atomic_write_text(output_dir / "log_history.json", json.dumps(history, indent=2) + "\n")
-        base = model_args.model
+        base = model_args.model_name_or_path
         inputs = CardInputs(dataset_name=data_args.dataset_name or f"embedded {data_args.embedded_dataset}")
         if base is not None:
             inputs.base_model, inputs.base_model_name = (None, Path(base).name) if os.path.isdir(base) else (base, None)
@@ -279,4 +290,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except tuple(kind for kind, _ in EXIT_CODES) as error:  # bad arguments, data or checkpoint (exit 2), ...
+        logger.error("%s", error)
+        sys.exit(exit_code(error))
+    finally:
+        end_process_group()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """A multi-seed study of Diverse-ViT against the paper's own baseline on the embedded MNIST digits.
 
-Every run is one in-process call of `examples/run_diverse.py`'s `main(argv)`, the code path of the demo, with the
-same budget (epochs, batch, learning rate) for every arm of a setting. The arms:
+Every run is one in-process call of `diverse_vit_hf.scripts.train.main(argv)` (what `examples/run_diverse.py` and the
+demo run), with the same budget (epochs, batch, learning rate) for every arm of a setting. The arms:
 
 - `baseline`: the DeiT recipe itself (Mixup/CutMix on), CLS loss only, all four diversity coefficients 0;
 - `diverse`: the released Diverse-ViT settings (the package defaults);
@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import json
 import logging
 import shlex
@@ -63,6 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diverse_vit_hf.analysis import SUMMARY_METRICS
+from diverse_vit_hf.scripts import train as train_script
 from diverse_vit_hf.scripts.study_statistics import (
     CONVERGENCE_TOLERANCE,
     CONVERGENCE_WINDOW,
@@ -76,7 +76,6 @@ from diverse_vit_hf.utils.fileio import atomic_write, atomic_write_text
 from diverse_vit_hf.utils.optional import require
 
 logger = logging.getLogger("study")
-RUN_DIVERSE = Path(__file__).resolve().parent / "run_diverse.py"
 # 2: accuracy curves, folders relative to the study folder; 1 (absolute folders, no curve) is still read.
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
@@ -665,15 +664,6 @@ def check_curve_epochs(run: dict[str, Any], eval_every_epochs: int) -> None:
         )
 
 
-def load_run_diverse() -> Any:
-    """Import examples/run_diverse.py as a module (registered in sys.modules so its dataclasses resolve)."""
-    spec = importlib.util.spec_from_file_location("run_diverse", RUN_DIVERSE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train the runs study.json lacks, then write study.json and study.md; returns {"trained", "skipped", "study"}."""
     args = parse_args(argv)
@@ -687,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--report_only: {study_path} holds no run yet.")
     plan = [] if args.report_only else [(s, a, seed) for seed in args.seeds for s in args.settings for a in args.arms]
     trained = skipped = 0
-    run_diverse = load_run_diverse() if plan else None
+    run_diverse = train_script if plan else None
     epoch_steps: dict[int, int] = {}  # seed -> optimizer steps per epoch (--eval_every_epochs > 1)
     for setting, arm, seed in tqdm(plan, desc="study runs", unit="run"):
         if args.eval_every_epochs > 1 and seed not in epoch_steps:

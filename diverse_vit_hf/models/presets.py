@@ -10,9 +10,6 @@ from typing import Any
 
 from transformers import ViTConfig
 
-# DeiT evaluates at a center crop of 87.5% of the resized image (timm's crop_pct).
-DEIT_CROP_PCT = 0.875
-
 # name -> (hidden size D, attention heads H, blocks L). Every DeiT uses 16 px patches on 224 px images and an MLP
 # ratio of 4 (Touvron et al. 2021, Table 1; DeiT-Small-24 is the deeper backbone of the Diverse-ViT paper).
 DEIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -61,4 +58,4 @@ def deit_config(name: str, **overrides: Any) -> ViTConfig:
     return ViTConfig(**values)
 
 
-__all__ = ["DEIT_CROP_PCT", "DEIT_MODEL_CONFIG_NAMES", "DEIT_SIZES", "deit_config"]
+__all__ = ["DEIT_MODEL_CONFIG_NAMES", "DEIT_SIZES", "deit_config"]

@@ -1,12 +1,14 @@
-"""`diverse-vit` command line: redundancy analysis, model cards and Hub uploads.
+"""`diverse-vit` command line: training, redundancy analysis, model cards and Hub uploads.
 
+    diverse-vit train   [the flags of examples/run_diverse.py, or one args.json / args.yaml]
     diverse-vit analyze --model A [--model B ...] [--dataset mnist|digits|lfw|<hub dataset>] [--num_images 256]
                         [--batch_size 32] --output_dir report/
     diverse-vit card    --model_dir D [--repo_id R] [--dataset_name ...]
     diverse-vit push    --model_dir D --repo_id R [--endpoint URL] [--private] [--token T]
 
-`push` reads the token from `--token` or the `HF_TOKEN` environment variable (else the locally saved login) and never
-prints it. Bad input exits with status 2 and a one-line message.
+`train` is `examples/run_diverse.py` (`diverse_vit_hf.scripts.train`), with its flags (`diverse-vit train --help`) and
+its exit codes (0, 2, 3, 4, 5, 75). `push` reads the token from `--token` or the `HF_TOKEN` environment variable (else
+the locally saved login) and never prints it. Bad input exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -34,12 +36,21 @@ def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diverse-vit", description="Diverse-ViT redundancy analysis and Hub tools.")
+    parser = argparse.ArgumentParser(
+        prog="diverse-vit", description="Diverse-ViT training, redundancy analysis and Hub tools."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
+    # Listed here for `diverse-vit --help`; `main` hands everything after `train` to the training script's own parser.
+    commands.add_parser(
+        "train",
+        add_help=False,
+        help="Train or evaluate a classifier with the Diverse-ViT regularizers: the flags of examples/run_diverse.py "
+        "(diverse-vit train --help).",
+    )
     analyze = commands.add_parser(
         "analyze",
-        help="Measure patch-embedding, attention and weight redundancy of ViT/DeiT checkpoints.",
+        help="Measure patch-embedding, attention and weight redundancy of checkpoints of the supported families.",
         description="Writes redundancy.json, one PNG per level and report.md into --output_dir.",
     )
     analyze.add_argument("--model", action="append", required=True, help="Hub id or local folder; repeat to compare.")
@@ -186,6 +197,11 @@ def _run_push(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `diverse-vit` console script. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train import main_with_exit_codes
+
+        return main_with_exit_codes(argv[1:], prog="diverse-vit train")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)

@@ -1,6 +1,6 @@
 """The classifier an example script trains and its image processor: a Hub or local checkpoint to fine-tune
-(`--model_name_or_path`), a named DeiT configuration trained from scratch (`--model_config_name`), or the small demo
-ViT built from the size flags; then stochastic depth (`--drop_path_rate`)."""
+(`--model_name_or_path`), a named DeiT configuration trained from scratch (`--config_name`), or the small demo ViT
+built from the size flags; then stochastic depth (`--drop_path_rate`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 from transformers import AutoImageProcessor, DeiTImageProcessor, ViTConfig, ViTImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
+from ..data.augmentation import DEIT_EVAL_CROP_PCT
 from ..models.modeling import DiverseModelMixin, DiverseViTForImageClassification, load_diverse_model
-from ..models.presets import DEIT_CROP_PCT, deit_config
+from ..models.presets import deit_config
 from .arguments import ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -34,25 +35,25 @@ def build_classifier(model_args: ModelArguments, labels: list[str]) -> tuple[Div
 def _build_classifier(model_args: ModelArguments, labels: list[str]):
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
-    if model_args.model is not None:
-        if model_args.model_config_name is not None:
+    if model_args.model_name_or_path is not None:
+        if model_args.config_name is not None:
             raise ValueError(
-                "Pass either --model (a checkpoint to fine-tune) or --model_config_name (a DeiT trained from scratch), "
-                "not both."
+                "Pass either --model_name_or_path (a checkpoint to fine-tune) or --config_name (a DeiT trained from "
+                "scratch), not both."
             )
         model = load_diverse_model(
-            model_args.model,
+            model_args.model_name_or_path,
             allow_pickle=model_args.allow_pickle,
             num_labels=len(labels),
             id2label=id2label,
             label2id=label2id,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         )
-        processor = AutoImageProcessor.from_pretrained(model_args.model)
+        processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
         return model, processor
-    if model_args.model_config_name is not None:
+    if model_args.config_name is not None:
         config = deit_config(
-            model_args.model_config_name,
+            model_args.config_name,
             num_labels=len(labels),
             id2label=id2label,
             label2id=label2id,
@@ -62,7 +63,7 @@ def _build_classifier(model_args: ModelArguments, labels: list[str]):
         # DeiT's evaluation: shorter edge to size / 0.875 (bicubic), center crop to size. Saved with the model, so a
         # pipeline preprocesses as training evaluated.
         processor = DeiTImageProcessor(
-            size={"shortest_edge": int(size / DEIT_CROP_PCT)},
+            size={"shortest_edge": int(size / DEIT_EVAL_CROP_PCT)},
             crop_size={"height": size, "width": size},
             do_center_crop=True,
             image_mean=IMAGENET_DEFAULT_MEAN,
