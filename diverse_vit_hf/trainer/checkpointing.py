@@ -359,7 +359,7 @@ class AtomicCheckpointsMixin:
     rename, add the training state the stock checkpoint lacks (power-iteration vectors, EMA), write
     `training_args.json` instead of a pickle, move the final model's files in complete, and restore weights through
     `from_pretrained`. Each method is a private `Trainer` override whose contract is checked in
-    `tests/test_trainer_contracts.py`.
+    `tests/trainer/test_trainer_contracts.py`.
 
     Needs from the trainer: `power_state` and `ema_callback` (None when unused) besides the stock attributes.
     """

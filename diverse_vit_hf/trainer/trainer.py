@@ -19,7 +19,7 @@ What the stock `Trainer` does not do lives in small modules, mostly on public ca
   window over its wall time, evaluation and checkpoint saving left out;
 - **no pickles, no tokens**: model folders get `training_args.json` (tokens redacted) instead of `training_args.bin`.
 
-Private `Trainer` methods overridden, each guarded by a contract test in `tests/test_trainer_contracts.py`:
+Private `Trainer` methods overridden, each guarded by a contract test in `tests/trainer/test_trainer_contracts.py`:
 `_get_train_sampler` here (DeiT's repeated-augmentation sampler); in `checkpointing.AtomicCheckpointsMixin`,
 `_get_output_dir` and `_save_checkpoint` (stage a checkpoint, then publish it with one rename), `_save`
 (`training_args.json`; final files moved in complete), `_load_from_checkpoint` and `_load_best_model` (weights
@@ -49,15 +49,12 @@ from ..utils.distributed import check_weight_regularizer_supported
 from .checkpointing import (
     TRAINER_STATE_NAME,
     AtomicCheckpointsMixin,
-    CheckpointSaveError,
-    check_checkpoint_architecture,
-    check_output_dir,
     resolve_resume_checkpoint,
 )
-from .ema import EMA_STATE_NAME, ModelEMA, ModelEMACallback
-from .nonfinite_guard import NonFiniteGuard, NonFiniteLossError, TermLog, drop_gradients
+from .ema import ModelEMA, ModelEMACallback
+from .nonfinite_guard import NonFiniteGuard, TermLog
 from .objective import DiversityObjective
-from .optim import NO_DECAY_PARAMETER_NAMES, no_weight_decay_parameter_names
+from .optim import no_weight_decay_parameter_names
 from .output_folder import prepare_output_folder
 from .preemption import SignalCheckpointCallback, parse_stop_signals
 from .training_args import DiverseTrainingArguments
@@ -479,16 +476,4 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
     # ---- End of the per-sample augmentation seeds -----------------------------------------------------------------
 
 
-__all__ = [
-    "CheckpointSaveError",
-    "DiverseTrainer",
-    "DiverseTrainingArguments",
-    "EMA_STATE_NAME",
-    "NO_DECAY_PARAMETER_NAMES",
-    "NonFiniteLossError",
-    "check_checkpoint_architecture",
-    "check_label_space",
-    "check_output_dir",
-    "drop_gradients",
-    "resolve_resume_checkpoint",
-]
+__all__ = ["DiverseTrainer"]

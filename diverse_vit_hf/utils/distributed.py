@@ -13,7 +13,7 @@ FSDP/ZeRO-3 hook. What each set-up leaves there:
   power estimator starts from the same vectors: `broadcast_start_vectors` draws them on rank 0 (per-rank seeds
   differ). The persistent state then evolves identically on every rank. Cost: one all-gather per matrix per step,
   about 12% of FSDP2's own parameter gathers for DeiT-S and ViT-L (`benchmarks/fsdp2_weight_gather.py`).
-  Tested with two gloo processes against one unsharded process (tests/test_distributed_sharding.py).
+  Tested with two gloo processes against one unsharded process (tests/trainer/test_distributed_sharding.py).
 - **FSDP1** (`FullyShardedDataParallel`): each rank holds a slice of a flattened `FlatParameter` per unit; with
   `use_orig_params=True` `q_proj.weight` is a view of that slice (flattened, or empty on most ranks), otherwise it
   is not a registered parameter any more. No full copy exists to gather differentiably. (FSDP1 also refuses to

@@ -1,0 +1,272 @@
+"""examples/study.py, the study tool: the arms' flags give the intended objectives, its report on made-up runs
+(curve table, convergence statement), evaluation every k epochs, a study.json of the first schema (absolute folders)
+loading and resuming, and end to end on a tiny budget: schema, curves, statistics recomputed from the runs,
+--report_only, resuming, a study folder moved elsewhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from fixtures.scripts import EXAMPLES, REPO, load_script
+from fixtures.study_runs import BASELINE_CURVES, DIVERSE_CURVES, curve, made_up_run
+from transformers import HfArgumentParser
+
+from diverse_vit_hf import DiverseTrainingArguments
+from diverse_vit_hf.analysis import SUMMARY_METRICS
+from diverse_vit_hf.scripts.arguments import DataArguments, ModelArguments, RecipeArguments
+from diverse_vit_hf.scripts.study_statistics import (
+    curve_from_log_history,
+)
+
+STUDY_SCRIPT = EXAMPLES / "study.py"
+COMMITTED_STUDY = REPO / "docs" / "study" / "study.json"  # the 12-epoch study, written by the first schema
+
+
+def test_arm_flags_give_the_intended_objectives(tmp_path):
+    study = load_script(STUDY_SCRIPT, "study_script")
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, DiverseTrainingArguments))
+    args = study.parse_args(["--num_train_epochs", "3"])
+    objectives = {}
+    for arm in study.ARMS:
+        argv = [*study.run_argv(args, "deep", arm, seed=7), "--output_dir", str(tmp_path)]
+        model_args, data_args, _, training_args = parser.parse_args_into_dataclasses(args=argv)
+        assert (model_args.num_hidden_layers, model_args.hidden_size, training_args.seed) == (12, 64, 7)
+        assert (data_args.train_val_split, training_args.num_train_epochs) == (0.2, 3.0)
+        assert training_args.mixing_enabled  # every arm keeps the DeiT recipe's Mixup/CutMix
+        objectives[arm] = training_args.diversity_dict()
+    released = DiverseTrainingArguments(output_dir=str(tmp_path)).diversity_dict()
+    assert objectives["diverse"] == released
+    coefficients = ("patch_cosine_coef", "patch_contrastive_coef", "attention_cosine_coef", "weight_condition_coef")
+    expected_on = {
+        "baseline": (),
+        "patch": coefficients[:2],
+        "attention": coefficients[2:3],
+        "weight": coefficients[3:],
+    }
+    for arm, on in expected_on.items():
+        for name in coefficients:
+            assert objectives[arm][name] == (released[name] if name in on else 0), (arm, name)
+        assert objectives[arm]["patch_mixing_loss"] == (arm == "patch")
+    key = study.run_key(["--seed", "1", "--output_dir", "x/y", "--overwrite_output_dir", "--output_dir=z"])
+    assert key == ["--seed", "1"]
+
+
+@pytest.mark.slow
+def test_study_runs_resumes_and_reports_from_its_runs(tmp_path, capsys):
+    study = load_script(STUDY_SCRIPT, "study_script")
+    output = tmp_path / "study"
+    # 64 training images in batches of 16: 4 steps an epoch, 2 epochs, evaluated after each (the default).
+    argv = ["--output_dir", str(output), "--settings", "tiny", "--arms", "baseline", "diverse", "--seeds", "0", "1",
+            "--num_train_epochs", "2", "--max_train_samples", "64", "--max_eval_samples", "32",
+            "--redundancy_images", "16", "--per_device_train_batch_size", "16",
+            "--extra=--use_cpu --dataloader_num_workers 0"]  # fmt: skip
+    first = study.main(argv)
+    assert (first["trained"], first["skipped"]) == (4, 0)
+
+    data = json.loads((output / "study.json").read_text())
+    assert data["schema_version"] == 2 and {"runs", "statistics", "statistics_method", "arms", "settings"} <= set(data)
+    assert len(data["runs"]) == 4
+    for run in data["runs"]:
+        relative = f"{run['setting']}/{run['arm']}/seed-{run['seed']}"
+        folder = output / relative
+        assert run["output_dir"] == relative and run["argv"][-2:] == ["--output_dir", relative]
+        assert "--overwrite_output_dir" not in run["argv"]
+        assert ["--eval_strategy", "epoch"] == run["argv"][run["argv"].index("--eval_strategy") :][:2]
+        state = json.loads((folder / "trainer_state.json").read_text())
+        assert run["curve"] == curve_from_log_history(state["log_history"]) and run["eval_every_epochs"] == 1
+        assert [point["epoch"] for point in run["curve"]] == [1.0, 2.0]
+        assert run["curve"][-1]["top1"] == run["metrics"]["top1"]  # the curve ends with the final evaluation
+        assert run["argv"][:-2] == study.run_argv(study.parse_args(argv), run["setting"], run["arm"], run["seed"])
+        evaluation = json.loads((folder / "eval_results.json").read_text())
+        assert (folder / "trainer_state.json").is_file()
+        assert run["metrics"]["top1"] == evaluation["eval_top1"] and run["metrics"]["top5"] == evaluation["eval_top5"]
+        assert run["metrics"]["eval_loss"] == evaluation["eval_loss"] and run["metrics"]["wall_time_s"] > 0
+        redundancy = json.loads((folder / "redundancy.json").read_text())
+        assert run["redundancy"] == redundancy["models"][0]["summary"]
+        assert set(run["redundancy"]) == {m.key for m in SUMMARY_METRICS}
+    by = {(r["arm"], r["seed"]): r["metrics"]["top1"] for r in data["runs"]}
+    stats = data["statistics"]["tiny"]
+    assert stats["diverse"]["summary"]["top1"]["mean"] == pytest.approx((by["diverse", 0] + by["diverse", 1]) / 2)
+    assert stats["diverse"]["paired"]["top1"]["differences"] == pytest.approx(
+        [by["diverse", s] - by["baseline", s] for s in (0, 1)]
+    )
+    curves = data["curve_statistics"]["tiny"]
+    assert curves["baseline_final_mean"] == pytest.approx((by["baseline", 0] + by["baseline", 1]) / 2)
+    assert [p["epoch"] for p in curves["arms"]["diverse"]["mean_curve"]] == [1.0, 2.0]
+    report = (output / "study.md").read_text()
+    assert f"| diverse | 2 | {100 * stats['diverse']['summary']['top1']['mean']:.2f} ± " in report
+    assert "scipy.stats.t.ppf" in report or "bisection" in report
+    assert "### tiny: accuracy against training time" in report and "**Convergence of the baseline.**" in report
+    assert "tiny: the baseline's mean top-1 gained " in capsys.readouterr().out
+    assert all((output / name).stat().st_size > 0 for name in [*study.PLOTS.values(), study.CURVES_PLOT])
+
+    # Resume: nothing is trained again, study.json's runs are untouched.
+    again = study.main(argv)
+    assert (again["trained"], again["skipped"]) == (0, 4)
+    assert json.loads((output / "study.json").read_text())["runs"] == data["runs"]
+    assert "Trained 0 run(s), 4 already in" in capsys.readouterr().out
+
+    # The study folder moved elsewhere (another machine): it resumes and reports there, its folders found.
+    moved = tmp_path / "elsewhere" / "study"
+    shutil.copytree(output, moved)
+    there = study.main([*argv[2:], "--output_dir", str(moved)])
+    assert (there["trained"], there["skipped"]) == (0, 4)
+    assert json.loads((moved / "study.json").read_text())["runs"] == data["runs"]
+    folders = {str(moved / "tiny" / arm / f"seed-{seed}") for arm in ("baseline", "diverse") for seed in (0, 1)}
+    assert {r["output_dir"] for r in there["study"]["runs"]} == folders
+    assert "`tiny/diverse/seed-1`" in (moved / "study.md").read_text()
+
+    # --report_only recomputes everything from the runs in study.json.
+    edited = next(r for r in data["runs"] if (r["arm"], r["seed"]) == ("baseline", 1))
+    edited["metrics"]["top1"] = 0.875
+    (output / "study.json").write_text(json.dumps(data))
+    assert study.main(["--output_dir", str(output), "--report_only"])["trained"] == 0
+    updated = json.loads((output / "study.json").read_text())["statistics"]["tiny"]["baseline"]["summary"]["top1"]
+    assert updated["mean"] == pytest.approx((by["baseline", 0] + 0.875) / 2)
+    assert "| tiny | baseline | 1 | 87.50 |" in (output / "study.md").read_text()
+
+    # A run missing from study.json (crashed after writing its folder) is trained again over its folder.
+    data = json.loads((output / "study.json").read_text())
+    data["runs"] = [r for r in data["runs"] if (r["arm"], r["seed"]) != ("diverse", 1)]
+    (output / "study.json").write_text(json.dumps(data))
+    resumed = study.main(argv)
+    assert (resumed["trained"], resumed["skipped"]) == (1, 3)
+    rerun = next(r for r in resumed["study"]["runs"] if (r["arm"], r["seed"]) == ("diverse", 1))
+    assert "--overwrite_output_dir" in rerun["argv"] and len(resumed["study"]["runs"]) == 4
+
+
+def test_report_has_the_curve_table_and_the_convergence_statement(tmp_path):
+    study = load_script(STUDY_SCRIPT, "study_script")
+    args = study.parse_args(["--num_train_epochs", "16", "--eval_every_epochs", "4"])
+    runs = []
+    for arm, curves in (("baseline", BASELINE_CURVES), ("diverse", DIVERSE_CURVES)):
+        for seed, points in curves.items():
+            folder = str(tmp_path / "deep" / arm / f"seed-{seed}")
+            runs.append(made_up_run("deep", arm, seed, points, study.run_argv(args, "deep", arm, seed, 10), folder))
+    # shallow: one seed; the baseline gains 0.3 points over its last 4 epochs: converged.
+    shallow = {
+        "baseline": curve((4, 0.5), (8, 0.7), (12, 0.80), (16, 0.803)),
+        "diverse": curve((4, 0.81), (8, 0.81), (12, 0.81), (16, 0.81)),
+    }
+    for arm, points in shallow.items():
+        folder = str(tmp_path / "shallow" / arm / "seed-0")
+        runs.append(made_up_run("shallow", arm, 0, points, study.run_argv(args, "shallow", arm, 0, 10), folder))
+    data = {"schema_version": study.SCHEMA_VERSION, "runs": runs}
+    study.save_study(data, tmp_path / "study.json")
+    study.write_report(data, tmp_path)
+    report = (tmp_path / "study.md").read_text()
+
+    assert "--eval_strategy steps --eval_steps 40" not in report  # run flags are in study.json, not the report
+    assert "Budget of every run: 16.0 epochs, batch 64, lr 0.002, held-out top-1 every 4 epoch(s)" in report
+    assert "### deep: accuracy against training time" in report
+    assert "| arm | seeds | final top-1 % | final - baseline, pp [95% CI] | best top-1 % |" in report
+    rows = {line.split(" | ")[0]: line for line in report.split("### deep: accuracy")[1].splitlines()[:8]}
+    # diverse: finals 0.85, 0.84, 0.79 (mean 82.67, std 3.21); minus baseline 0.03, 0.04, -0.05 (mean +0.67); best
+    # epochs 16, 12, 16 (14.7 +/- 2.3); 2 of 3 reach 0.82, at epochs 12 and 8 (median 10).
+    assert rows["| diverse"].startswith("| diverse | 3 | 82.67 ± 3.21 | +0.67 [")
+    assert rows["| diverse"].endswith("| 14.7 ± 2.3 | 2/3 | 10 |")
+    assert rows["| baseline"] == (
+        "| baseline | 3 | 82.00 ± 2.00 | (reference) | 82.00 ± 2.00 | (reference) | 16.0 ± 0.0 | 2/3 | 16 |"
+    )
+    assert "**Convergence of the baseline.** Criterion: the baseline's mean curve gains less than 0.5 points" in report
+    assert (
+        "The mean curve went from 79.00 % at epoch 12 to 82.00 % at epoch 16: a gain of +3.00 points, so "
+        "**the criterion does not hold**" in report
+    )
+    assert "Per seed, over the same epochs: +3.00 [-1.30, +7.30]" in report
+    assert "a gain of +0.30 points, so **the criterion holds**" in report  # shallow
+    assert "Per seed, over the same epochs: +0.30 (n=1, no CI) pp." in report
+    assert "![curves](study_curves.png)" in report
+    assert (tmp_path / study.CURVES_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    written = json.loads((tmp_path / "study.json").read_text())
+    assert written["schema_version"] == 2
+    assert written["curve_statistics"]["deep"]["arms"]["diverse"]["reach"]["reached"] == 2
+    for run in written["runs"]:  # folders relative to the study folder
+        folder = f"{run['setting']}/{run['arm']}/seed-{run['seed']}"
+        assert run["output_dir"] == folder and run["argv"][-2:] == ["--output_dir", folder]
+    loaded = study.load_study(tmp_path / "study.json")  # and resolved against it when read
+    assert [r["output_dir"] for r in loaded["runs"]] == [r["output_dir"] for r in runs]
+
+
+def test_eval_flags_follow_eval_every_epochs():
+    study = load_script(STUDY_SCRIPT, "study_script")
+    assert study.eval_flags(0) == ["--eval_strategy", "no"]
+    assert study.eval_flags(1) == ["--eval_strategy", "epoch"]
+    assert study.eval_flags(4, epoch_steps=63) == ["--eval_strategy", "steps", "--eval_steps", "252"]
+    with pytest.raises(ValueError, match="steps per epoch"):
+        study.eval_flags(4)
+    with pytest.raises(SystemExit):
+        study.parse_args(["--eval_every_epochs", "-1"])
+    assert study.parse_args([]).eval_every_epochs == 1
+
+
+def test_a_study_json_of_the_first_schema_loads_resumes_and_reports(tmp_path, monkeypatch):
+    """docs/study/study.json as the first schema wrote it (the absolute folders of the machine that ran it, where the
+    committed file now has folders relative to the study), copied elsewhere: its runs are found (same flags: nothing
+    trained), and it is rewritten with relative folders."""
+    study = load_script(STUDY_SCRIPT, "study_script")
+    relative_form = json.loads(COMMITTED_STUDY.read_text())
+    assert relative_form["schema_version"] == 2 and not Path(relative_form["runs"][0]["output_dir"]).is_absolute()
+    committed = {**relative_form, "schema_version": 1, "runs": []}
+    for run in relative_form["runs"]:
+        absolute = f"/work/study_run/out/{run['output_dir']}"  # where the first schema's run wrote it
+        committed["runs"].append({**run, "output_dir": absolute, "argv": [*run["argv"][:-1], absolute]})
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(committed))
+
+    loaded = study.load_study(folder / "study.json")
+    for run in loaded["runs"]:
+        local = str(folder / run["setting"] / run["arm"] / f"seed-{run['seed']}")
+        assert run["output_dir"] == local and run["argv"][-2:] == ["--output_dir", local]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run of the committed study was not recognised")
+
+    monkeypatch.setattr(study, "train_run", no_training)
+    # The 12-epoch study's command, with --eval_every_epochs 0: its runs evaluated only at the end.
+    result = study.main(["--output_dir", str(folder), "--num_train_epochs", "12", "--eval_every_epochs", "0"])
+    assert (result["trained"], result["skipped"]) == (0, 50)
+
+    written = json.loads((folder / "study.json").read_text())
+    assert written["schema_version"] == 2 and written["curve_statistics"] == {}
+    for new, old in zip(written["runs"], committed["runs"], strict=True):
+        relative = f"{old['setting']}/{old['arm']}/seed-{old['seed']}"
+        assert old["output_dir"].endswith("/" + relative)
+        assert new["output_dir"] == relative and new["argv"] == [*old["argv"][:-1], relative]
+        assert {k: v for k, v in new.items() if k not in ("argv", "output_dir")} == {
+            k: v for k, v in old.items() if k not in ("argv", "output_dir")
+        }
+    for setting, arms in committed["statistics"].items():
+        for arm, entry in arms.items():
+            assert written["statistics"][setting][arm]["summary"] == entry["summary"]
+    report = (folder / "study.md").read_text()
+    assert report.count("No accuracy curve in this setting") == 2 and "![curves]" not in report
+    assert "| shallow | baseline | 0 | 84.20 |" in report and "`shallow/baseline/seed-0`" in report
+    assert not (folder / study.CURVES_PLOT).exists()
+    (folder / "study.json").write_text(json.dumps({**written, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema_version 99"):
+        study.load_study(folder / "study.json")
+
+
+@pytest.mark.slow
+def test_evaluation_every_k_epochs_uses_the_epoch_length(tmp_path, caplog):
+    study = load_script(STUDY_SCRIPT, "study_script")
+    output = tmp_path / "study"
+    # 64 images in batches of 16: 4 steps an epoch; every 2 epochs = every 8 steps; 3 epochs end off the grid.
+    argv = ["--output_dir", str(output), "--settings", "tiny", "--arms", "baseline", "--seeds", "0",
+            "--num_train_epochs", "3", "--eval_every_epochs", "2", "--max_train_samples", "64",
+            "--max_eval_samples", "32", "--redundancy_images", "0", "--per_device_train_batch_size", "16",
+            "--extra=--use_cpu --dataloader_num_workers 0"]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="study"):
+        (run,) = study.main(argv)["study"]["runs"]
+    assert "not every 2 epoch(s)" not in caplog.text
+    index = run["argv"].index("--eval_strategy")
+    assert run["argv"][index : index + 4] == ["--eval_strategy", "steps", "--eval_steps", "8"]
+    assert [point["epoch"] for point in run["curve"]] == [2.0, 3.0]
+    assert run["curve"][-1]["top1"] == run["metrics"]["top1"] and run["eval_every_epochs"] == 2
