@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU measurement the issues ask for, in one prepared run on a lent H100/H200 (about 5 minutes there by
-# estimate; each stage has a time limit, 7.5 minutes in all):
+# Every GPU measurement of the project, in one prepared run on a machine with a CUDA GPU such as an H100/H200 (about
+# 5 minutes there by estimate; each stage has a time limit, 7.5 minutes in all). From the repository root:
+#   bash benchmarks/gpu_run.sh
 #
 #   env        versions and the GPU
 #   precision  precision_check.py on DeiT-Small: the bf16/fp16 terms are float32 math and agree with float32, the
 #              weight term stays finite above fp16's range, compute_loss + backward make no host sync (sync debug mode)
-#   overhead   overhead.py: DeiT-Small 224 px, bf16, batch 128, every variant (issue 5's GPU table and targets)
+#   overhead   overhead.py: DeiT-Small 224 px, bf16, batch 128, every variant (the GPU table and its targets)
 #   train      run_diverse.py: a bf16 DeiT-Small run of 300 steps on synthetic 256 px JPEGs, cropped to 224 px by
-#              the DeiT augmentation (issue 3), images/s
+#              the DeiT augmentation, images/s
 #   compile    overhead.py --compile, variants a and b (the model-level torch.compile that --torch_compile uses)
 #   report     gpu_report.py: all of the above as the Markdown section for benchmarks/RESULTS.md (also printed)
 #
-# Outputs go to $OUT (the device tool's result folder; benchmarks/gpu_out when unset): exactly the 8 files the device
-# tool brings back at most, env.txt, precision.json, overhead.json, train.log, train_state.json, compile.json,
-# report.md and stderr.log. Each stage runs even when an earlier one failed or ran out of time; the exit code is the
-# number of failed stages. gpu_report.py can be rerun anywhere on whatever came back.
+# Outputs go to $OUT (benchmarks/gpu_out when unset), 8 files: env.txt, precision.json, overhead.json, train.log,
+# train_state.json, compile.json, report.md and stderr.log. Each stage runs even when an earlier one failed or ran out
+# of time; the exit code is the number of failed stages. gpu_report.py can be rerun anywhere on what the run left.
 #
-# The machine has no network: the Python packages its image lacks travel as wheels in .whl/ (the download command is
-# in benchmarks/RESULTS.md) and are installed into /tmp/site; this checkout is put on PYTHONPATH. A wheel set that
-# does not install or import is dropped (logged in stderr.log), and the stages run on the image's own packages.
+# For a GPU machine without network access: Python packages it lacks can be put as wheels in .whl/ (the download
+# command is in benchmarks/RESULTS.md); they are installed into /tmp/site. This checkout is put on PYTHONPATH. A wheel
+# set that does not install or import is dropped (logged in stderr.log), and the stages run on the machine's own
+# packages.
 #
 # GPU_RUN_SMOKE=1 runs the same stages on the CPU with tiny settings (no compile, no wheels): what the test suite checks.
 set -uo pipefail

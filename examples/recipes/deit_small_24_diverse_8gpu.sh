@@ -22,7 +22,7 @@
 # Data: ILSVRC/imagenet-1k on the Hub is gated. Accept its terms on the dataset page, then log in once
 #   (`huggingface-cli login`, or export HF_TOKEN=...) before running this script.
 #
-# Recipe: DeiT's main.py defaults, flag by flag in docs/recipe.md (tests/test_recipe_parity.py parses this script
+# Recipe: DeiT's main.py defaults, flag by flag in docs/recipe.md (tests/scripts/test_recipe_parity.py parses this script
 #   and checks every row). Global batch 1024 = 8 GPUs x 128 (x gradient accumulation 1); AdamW, base lr 5e-4
 #   scaled by global_batch / 512 (--scale_lr) -> 1e-3; weight decay 0.05; timm's cosine curve per optimizer step
 #   (cosine_warmup_with_min_lr): 5 warm-up epochs from 1e-6, floor 1e-5; 300 epochs; no gradient clipping
@@ -35,7 +35,7 @@
 #   NUM_GPUS [8], PER_DEVICE_BATCH [128], GRAD_ACCUM [1]: keep NUM_GPUS x PER_DEVICE_BATCH x GRAD_ACCUM = 1024 to
 #     follow the paper (e.g. 4 GPUs: GRAD_ACCUM=2); --scale_lr adapts the learning rate to any global batch.
 #   ACCELERATE_CONFIG [examples/recipes/accelerate/ddp_8gpu.yaml]: deepspeed_zero2_8gpu.yaml and fsdp_8gpu.yaml (FSDP2)
-#     also support every term (see examples/recipes/README.md).
+#     also support every term (see docs/recipe.md).
 #   OUTPUT_DIR [outputs/deit-small-24-diverse-imagenet]
 # Extra arguments are passed on to run_diverse.py, e.g. `--resume_from_checkpoint auto` to start or continue after a stop.
 set -euo pipefail
@@ -52,7 +52,7 @@ GLOBAL_BATCH=$((NUM_GPUS * PER_DEVICE_BATCH * GRAD_ACCUM))
 WARMUP_LR_RATE="$(awk -v batch="$GLOBAL_BATCH" 'BEGIN { printf "%.6g", 1e-6 / (5e-4 * batch / 512) }')"
 
 accelerate launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_GPUS" examples/run_diverse.py \
-    --model_config_name deit-small-24 \
+    --config_name deit-small-24 \
     --dataset_name ILSVRC/imagenet-1k \
     --output_dir "$OUTPUT_DIR" \
     --num_train_epochs 300 \

@@ -28,7 +28,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-outputs/deit-small-beans-diverse}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-examples/recipes/accelerate/single_gpu.yaml}"
 
 accelerate launch --config_file "$ACCELERATE_CONFIG" examples/run_diverse.py \
-    --model "$MODEL" \
+    --model_name_or_path "$MODEL" \
     --dataset_name "$DATASET" \
     --output_dir "$OUTPUT_DIR" \
     --num_train_epochs 10 \
