@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,6 +55,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"bf16": (5e-2, 0.98), "fp16": (1e-2, 0.995)}
 SPECTRAL_NORM = 12.0
 FP16_MAX = torch.finfo(torch.float16).max
+
+
+def sync_site(error: BaseException) -> str:
+    """Where a synchronising call was made: the innermost frames of the traceback in this project's code (the
+    package or the benchmark), as `file:line (function)`, so a failed check names the line to change."""
+    frames = [
+        f"{Path(frame.filename).name}:{frame.lineno} ({frame.name})"
+        for frame in traceback.extract_tb(error.__traceback__)
+        if "diverse_vit_hf" in frame.filename or "benchmarks" in frame.filename
+    ]
+    return " < ".join(reversed(frames[-3:])) or "outside this project's code"
 
 
 def autocast(device: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -216,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
                 diversified_step(trainer, model, unmixed, DTYPES.get(name), evaluate_raw=False)
                 ok, detail = True, "compute_loss + backward ran under set_sync_debug_mode('error')"
             except RuntimeError as error:
-                ok, detail = False, f"synchronising call: {str(error).splitlines()[0]}"
+                ok, detail = False, f"synchronising call: {str(error).splitlines()[0]} at {sync_site(error)}"
             finally:
                 torch.cuda.set_sync_debug_mode(0)
             checks.add(name, "no sync", ok, detail)

@@ -492,7 +492,11 @@ def patch_mixing_loss_two_label(
             f"{tuple(image_logits.shape)} and {tuple(patch_weights.shape)}."
         )
     device = token_logits.device
-    lam_tensor = torch.tensor(lam, device=device, dtype=torch.float32)
+    # torch.full fills on the device; torch.tensor(lam, device=...) would copy from host memory (a synchronising copy).
+    if isinstance(lam, torch.Tensor):
+        lam_tensor = lam.to(device=device, dtype=torch.float32)
+    else:
+        lam_tensor = torch.full((), float(lam), device=device, dtype=torch.float32)
     image = two_label_cross_entropy_sum(image_logits, labels, partner_labels, lam_tensor, label_smoothing)
     # Every token's row, the prefix tokens' scaled by 0: no slice of the logits, whose backward would allocate a
     # zero-filled (B, N, C) gradient.
