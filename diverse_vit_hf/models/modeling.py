@@ -253,8 +253,9 @@ class DiverseModelMixin:
             norm.register_forward_pre_hook(_sink_input)
             norm._diverse_hooked = True
 
-    def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None) -> None:
-        """Raise a clear `ValueError` for images this model cannot take."""
+    def check_image_batch(self, pixel_values: torch.Tensor | None, channel_advice: str = "") -> tuple[int, int]:
+        """The checks every family shares: a `(B, C, H, W)` tensor with the model's channel count whose sides tile
+        into patches. Returns `(H, W)`; `channel_advice` ends the channel-count message."""
         if pixel_values is None:
             raise ValueError("`pixel_values` is required: a (batch, channels, height, width) tensor of images.")
         if pixel_values.ndim != 4:
@@ -265,9 +266,14 @@ class DiverseModelMixin:
         if channels != self.config.num_channels:
             raise ValueError(
                 f"The model expects {self.config.num_channels}-channel images but got {channels} channels. Convert "
-                "the images (e.g. PIL `image.convert('RGB')`) or build the model with a matching `num_channels`."
+                f"the images (e.g. PIL `image.convert('RGB')`){' ' + channel_advice if channel_advice else ''}."
             )
         check_patch_grid(height, width, self.config.patch_size)
+        return height, width
+
+    def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None) -> None:
+        """Raise a clear `ValueError` for images this model cannot take."""
+        height, width = self.check_image_batch(pixel_values, "or build the model with a matching `num_channels`")
         if self.always_interpolates_pos_encoding:
             return
         expected = self.config.image_size
@@ -570,19 +576,7 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
         self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None = None
     ) -> None:
         """Raise a clear `ValueError` for images this model cannot take (timm's own asserts say less)."""
-        if pixel_values is None:
-            raise ValueError("`pixel_values` is required: a (batch, channels, height, width) tensor of images.")
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
-            )
-        channels, height, width = pixel_values.shape[1:]
-        if channels != self.config.num_channels:
-            raise ValueError(
-                f"The model expects {self.config.num_channels}-channel images but got {channels} channels. Convert "
-                "the images (e.g. PIL `image.convert('RGB')`)."
-            )
-        check_patch_grid(height, width, self.config.patch_size)
+        height, width = self.check_image_batch(pixel_values)
         embed = self.timm_model.patch_embed
         if getattr(self.timm_model, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
             return
