@@ -14,7 +14,6 @@ import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -183,18 +182,46 @@ def console_script() -> str:
     raise AssertionError("setup.cfg declares no diverse-vit console script")
 
 
-@functools.cache
-def accepted_flags(program: tuple[str, ...]) -> frozenset[str]:
-    if program[0] == "diverse-vit":
-        module, _, function = console_script().partition(":")
-        code = f"import sys; from {module} import {function} as main; sys.argv[0] = 'diverse-vit'; sys.exit(main())"
-        command = [sys.executable, "-c", code, *program[1:], "--help"]
-    else:
-        command = [sys.executable, str(REPO / program[0]), "--help"]
+# Runs each program's --help in one interpreter (runpy for the scripts, the console entry point for `diverse-vit`), so
+# torch and transformers are imported once instead of once per program; prints {program: [exit code, help text]}.
+HELP_RUNNER = """
+import contextlib, io, json, runpy, sys
+programs, entry_module, entry_function = json.loads(sys.argv[1])
+results = {}
+for program in programs:
+    out = io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out):
+            if program[0] == "diverse-vit":
+                sys.argv = ["diverse-vit", *program[1:], "--help"]
+                getattr(__import__(entry_module, fromlist=[entry_function]), entry_function)()
+            else:
+                sys.argv = [program[0], "--help"]
+                runpy.run_path(program[0], run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code or 0
+    results[" ".join(program)] = [code, out.getvalue()]
+sys.stdout.write(json.dumps(results))
+"""
+
+
+def accepted_flags(programs: set[tuple[str, ...]]) -> dict[tuple[str, ...], frozenset[str]]:
+    """The flags each program's `--help` lists."""
+    module, _, function = console_script().partition(":")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, f"{' '.join(program)} --help failed: {run.stderr[-2000:]}"
-    return frozenset(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", run.stdout))
+    payload = json.dumps([sorted(programs), module, function])
+    run = subprocess.run(
+        [sys.executable, "-c", HELP_RUNNER, payload], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, f"the --help runner failed: {run.stderr[-2000:]}"
+    results = json.loads(run.stdout)
+    accepted = {}
+    for program in programs:
+        code, text = results[" ".join(program)]
+        assert code == 0, f"{' '.join(program)} --help exited {code}"
+        accepted[program] = frozenset(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", text))
+    return accepted
 
 
 def program_and_flags(words: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
@@ -220,8 +247,7 @@ def test_every_documented_flag_exists():
     }
     assert not missing, f"documented commands run scripts that do not exist: {sorted(missing)}"
     programs = {program for program, flags in commands if flags}
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:  # one --help per program
-        accepted = dict(zip(programs, pool.map(accepted_flags, programs), strict=True))
+    accepted = accepted_flags(programs)
     unknown = {
         f"{' '.join(program)} {flag}" for program, flags in commands for flag in flags if flag not in accepted[program]
     }
