@@ -84,6 +84,9 @@ def main() -> None:
     if rank == 0:
         out.write_text(json.dumps({"world": world, "steps": steps, "parameters": parameters, "gathered": gathered}))
     if sharded:
+        # Both ranks leave together: a rank tearing gloo down while the other still works has aborted at exit
+        # ("terminate called without an active exception", exit -6) after a run whose results were complete.
+        dist.barrier()
         dist.destroy_process_group()
 
 
