@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
-from datasets import Dataset
-from fixtures.builders import build_trainer
-from fixtures.builders import make_args as _make_args
-from fixtures.builders import make_dataset as _make_dataset
+from fixtures.builders import make_recipe_args as make_args
+from fixtures.builders import make_recipe_trainer as make_trainer
 from fixtures.scripts import fast_flags
 from fixtures.scripts import load_script as _load_script
 from transformers import HfArgumentParser
@@ -28,20 +25,6 @@ from diverse_vit_hf.scripts.model_builder import build_classifier
 from diverse_vit_hf.scripts.recipe import apply_recipe, update_steps_per_epoch
 
 FAST = fast_flags()
-
-
-def make_args(output_dir: Path, **overrides) -> DiverseTrainingArguments:
-    defaults = {"logging_steps": 1, "learning_rate": 1e-2, "weight_estimator": "exact"}
-    return _make_args(output_dir, **{**defaults, **overrides})
-
-
-def make_dataset(size: int = 32, seed: int = 0) -> Dataset:
-    return _make_dataset(size, seed)
-
-
-def make_trainer(output_dir: Path, model_seed: int = 0, dataset_size: int = 32, collator=None, **overrides):
-    args = make_args(output_dir, **overrides)
-    return build_trainer(args, model_seed, dataset_size, collator, eval_dataset=make_dataset(16, seed=1))
 
 
 def load_script():

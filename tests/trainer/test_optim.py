@@ -3,29 +3,12 @@ weight, the position embeddings and the CLS / distillation / mask tokens are not
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from datasets import Dataset
-from fixtures.builders import build_trainer, tiny_config
-from fixtures.builders import make_args as _make_args
-from fixtures.builders import make_dataset as _make_dataset
+from fixtures.builders import make_recipe_args as make_args
+from fixtures.builders import make_recipe_trainer as make_trainer
+from fixtures.builders import tiny_config
 from transformers import DeiTConfig, ViTModel
 
-from diverse_vit_hf import DiverseDeiTForImageClassification, DiverseTrainer, DiverseTrainingArguments
-
-
-def make_args(output_dir: Path, **overrides) -> DiverseTrainingArguments:
-    defaults = {"logging_steps": 1, "learning_rate": 1e-2, "weight_estimator": "exact"}
-    return _make_args(output_dir, **{**defaults, **overrides})
-
-
-def make_dataset(size: int = 32, seed: int = 0) -> Dataset:
-    return _make_dataset(size, seed)
-
-
-def make_trainer(output_dir: Path, model_seed: int = 0, dataset_size: int = 32, collator=None, **overrides):
-    args = make_args(output_dir, **overrides)
-    return build_trainer(args, model_seed, dataset_size, collator, eval_dataset=make_dataset(16, seed=1))
+from diverse_vit_hf import DiverseDeiTForImageClassification, DiverseTrainer
 
 
 def _no_decay_names(trainer: DiverseTrainer) -> set[str]:
