@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+from fixtures.builders import pil_images
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, ViTImageProcessor
 
@@ -15,18 +15,6 @@ from diverse_vit_hf.data.transforms import AUGMENTATIONS, build_image_transform,
 
 MEAN = (0.1, 0.2, 0.3)
 STD = (0.5, 0.25, 0.2)
-
-
-def pil_images(count: int, size=(25, 37), mode: str = "RGB", seed: int = 0) -> list[PILImage.Image]:
-    """Random PIL images of `size` (width, height) in `mode`."""
-    rng = np.random.default_rng(seed)
-    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-    width, height = size
-    out = []
-    for _ in range(count):
-        array = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
-        out.append(PILImage.fromarray(array[..., 0] if channels == 1 else array, mode=mode))
-    return out
 
 
 @pytest.mark.parametrize("augmentation", AUGMENTATIONS)
