@@ -458,6 +458,85 @@ def two_label_cross_entropy_sum(
         )
 
 
+@dataclass(frozen=True)
+class TwoLabelTargets:
+    """Per-token targets in two-label form, for `(B, N, C)` token logits (or the features that give them).
+
+    Token t of sample b has the target `w_t * s(a_b) + (1 - w_t) * s(c_b)` with `s(y)` the smoothed one-hot label,
+    and its cross-entropy counts `row_scale_t` times (0 leaves prefix tokens out). A frozen dataclass: FSDP2's input
+    casting (a pytree map) leaves it whole, so the float weights keep float32 under a bf16 parameter dtype.
+
+    Attributes:
+        labels, partner_labels: `(B,)` class indices `a` and `c`.
+        weights: `(N,)` float32 weight of `labels` per token.
+        row_scale: `(N,)` float32 factor of each token's cross-entropy.
+        label_smoothing: `eps` of `s`.
+    """
+
+    labels: torch.Tensor
+    partner_labels: torch.Tensor
+    weights: torch.Tensor
+    row_scale: torch.Tensor
+    label_smoothing: float
+
+
+def patch_token_targets(
+    labels: torch.Tensor,
+    partner_labels: torch.Tensor,
+    patch_weights: torch.Tensor,
+    label_smoothing: float,
+    num_prefix_tokens: int = 1,
+) -> TwoLabelTargets:
+    """The patch-wise loss's targets for every token: the patches' own weights, the prefix tokens scaled by 0.
+
+    Prefix tokens get a row scale of 0 rather than being sliced off: the backward of a slice of the logits would
+    allocate a zero-filled `(B, N, C)` gradient.
+
+    Args:
+        labels, partner_labels: `(B,)` the two labels of each sample.
+        patch_weights: `(P,)` the weight of `labels` in each patch's target.
+        label_smoothing: the smoothing of each one-hot label before mixing.
+        num_prefix_tokens: K; the targets cover N = K + P tokens.
+    """
+    device = patch_weights.device
+    prefix = torch.ones(num_prefix_tokens, device=device, dtype=torch.float32)
+    patches = torch.ones(patch_weights.shape[0], device=device, dtype=torch.float32)
+    weights = torch.cat([prefix, patch_weights.to(dtype=torch.float32)])
+    row_scale = torch.cat([torch.zeros_like(prefix), patches])
+    return TwoLabelTargets(labels, partner_labels, weights, row_scale, float(label_smoothing))
+
+
+def patch_mixing_loss_from_token_sum(
+    token_sum: torch.Tensor,
+    image_logits: torch.Tensor,
+    labels: torch.Tensor,
+    partner_labels: torch.Tensor,
+    lam: float | torch.Tensor,
+    label_smoothing: float,
+    num_patches: int,
+) -> torch.Tensor:
+    """The patch-wise mixing loss from its patch part, already summed over every patch row
+    (`two_label_cross_entropy_sum` or `linear_two_label_cross_entropy_sum` with `patch_token_targets`), and the
+    image logits: `(CE(image) + sum_p CE(patch p)) / (1 + P)`, mean over the batch.
+
+    Args:
+        token_sum: `()` float32, the summed patch cross-entropies of the batch.
+        image_logits: `(B, C)` the image logits (token 0's for CLS heads, the pooled head's else).
+        labels, partner_labels: `(B,)` the two labels of each sample.
+        lam: the image-level weight of `labels` (a float, or a 0-d tensor on the logits' device).
+        label_smoothing: the smoothing of each one-hot label before mixing.
+        num_patches: P.
+    """
+    device = image_logits.device
+    # torch.full fills on the device; torch.tensor(lam, device=...) would copy from host memory (a synchronising copy).
+    if isinstance(lam, torch.Tensor):
+        lam_tensor = lam.to(device=device, dtype=torch.float32)
+    else:
+        lam_tensor = torch.full((), float(lam), device=device, dtype=torch.float32)
+    image = two_label_cross_entropy_sum(image_logits, labels, partner_labels, lam_tensor, label_smoothing)
+    return (image + token_sum) / (image_logits.shape[0] * (1 + num_patches))
+
+
 def patch_mixing_loss_two_label(
     token_logits: torch.Tensor,
     image_logits: torch.Tensor,
@@ -491,29 +570,171 @@ def patch_mixing_loss_two_label(
             f"`image_logits` must have shape {(batch, classes)} and `patch_weights` {(num_patches,)}; got "
             f"{tuple(image_logits.shape)} and {tuple(patch_weights.shape)}."
         )
-    device = token_logits.device
-    # torch.full fills on the device; torch.tensor(lam, device=...) would copy from host memory (a synchronising copy).
-    if isinstance(lam, torch.Tensor):
-        lam_tensor = lam.to(device=device, dtype=torch.float32)
-    else:
-        lam_tensor = torch.full((), float(lam), device=device, dtype=torch.float32)
-    image = two_label_cross_entropy_sum(image_logits, labels, partner_labels, lam_tensor, label_smoothing)
-    # Every token's row, the prefix tokens' scaled by 0: no slice of the logits, whose backward would allocate a
-    # zero-filled (B, N, C) gradient.
-    prefix = torch.ones(num_prefix_tokens, device=device, dtype=torch.float32)
-    weights = torch.cat([prefix, patch_weights.to(device=device, dtype=torch.float32)])
-    row_scale = torch.cat([torch.zeros_like(prefix), torch.ones(num_patches, device=device, dtype=torch.float32)])
-    patches = two_label_cross_entropy_sum(token_logits, labels, partner_labels, weights, label_smoothing, row_scale)
-    return (image + patches) / (batch * (1 + num_patches))
+    targets = patch_token_targets(
+        labels, partner_labels, patch_weights.to(token_logits.device), label_smoothing, num_prefix_tokens
+    )
+    patches = two_label_cross_entropy_sum(
+        token_logits, labels, partner_labels, targets.weights, label_smoothing, targets.row_scale
+    )
+    return patch_mixing_loss_from_token_sum(
+        patches, image_logits, labels, partner_labels, lam, label_smoothing, num_patches
+    )
+
+
+# Rows of logits a chunk of `linear_two_label_cross_entropy_sum` holds at once, per class: 2**21 float32 values
+# (8 MiB) per chunk, e.g. about 10 DeiT images of 197 tokens at 1,000 classes.
+LINEAR_CE_CHUNK_ELEMENTS = 2**21
+
+
+class _LinearTwoLabelCrossEntropySum(torch.autograd.Function):
+    """`two_label_cross_entropy_sum(features @ weight.T + bias, ...)` in batch chunks, its gradients computed in the
+    forward (one chunk of logits alive at a time) and only scaled in the backward: neither the `(B, N, C)` logits nor
+    their gradient ever exist whole, and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, labels, partner_labels, weights, row_scale, options):
+        label_smoothing, matmul_dtype, samples_per_chunk, compute_grad = options
+        batch, tokens, _ = features.shape
+        classes = weight.shape[0]
+        matmul_weight = weight.to(matmul_dtype)
+        weights = weights.expand(tokens)
+        row_scale = row_scale.expand(tokens)
+        total = torch.zeros((), device=features.device, dtype=torch.float32)
+        grad_features = torch.empty_like(features) if compute_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if compute_grad[1] else None
+        grad_bias = None
+        if bias is not None and compute_grad[2]:
+            grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
+        for start in range(0, batch, samples_per_chunk):
+            stop = min(start + samples_per_chunk, batch)
+            rows = features[start:stop].to(matmul_dtype)
+            logits = torch.matmul(rows, matmul_weight.t()).float()  # (b, N, C)
+            if bias is not None:
+                logits += bias[start:stop].unsqueeze(1).float() if bias.ndim == 2 else bias.float()
+            own_index = labels[start:stop].view(-1, 1, 1).expand(stop - start, tokens, 1)
+            partner_index = partner_labels[start:stop].view(-1, 1, 1).expand(stop - start, tokens, 1)
+            lse = torch.logsumexp(logits, dim=-1)
+            own = logits.gather(-1, own_index).squeeze(-1)
+            partner = logits.gather(-1, partner_index).squeeze(-1)
+            per_row = lse - (1.0 - label_smoothing) * (weights * own + (1.0 - weights) * partner)
+            if label_smoothing > 0:
+                per_row = per_row - (label_smoothing / classes) * logits.sum(dim=-1)
+            total = total + (per_row * row_scale).sum()
+            if not any(compute_grad):
+                continue
+            grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in the logits' storage
+            if label_smoothing > 0:
+                grad.sub_(label_smoothing / classes)
+            grad.scatter_add_(-1, own_index, (-(1.0 - label_smoothing) * weights).expand(own.shape).unsqueeze(-1))
+            grad.scatter_add_(
+                -1, partner_index, (-(1.0 - label_smoothing) * (1.0 - weights)).expand(own.shape).unsqueeze(-1)
+            )
+            grad.mul_(row_scale.view(1, -1, 1))
+            if grad_bias is not None:
+                if bias.ndim == 2:
+                    grad_bias[start:stop] = grad.sum(dim=1)
+                else:
+                    grad_bias += grad.sum(dim=(0, 1))
+            grad_matmul = grad.to(matmul_dtype)
+            if grad_features is not None:
+                grad_features[start:stop] = torch.matmul(grad_matmul, matmul_weight).to(features.dtype)
+            if grad_weight is not None:
+                grad_weight += torch.matmul(grad_matmul.flatten(0, 1).t(), rows.flatten(0, 1)).float()
+        ctx.save_for_backward(
+            grad_features,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in ctx.saved_tensors)
+        return (*grads, None, None, None, None, None)
+
+
+def linear_two_label_cross_entropy_sum(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: TwoLabelTargets,
+    chunk_elements: int = LINEAR_CE_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """`two_label_cross_entropy_sum` of a linear head's per-token logits `features @ weight.T + bias`, without
+    materialising them: the head and the loss run in batch chunks of about `chunk_elements` logits, and each chunk's
+    gradients (`softmax(z) - target` times the head) are taken in the forward, so the backward only scales them.
+
+    Peak memory is one chunk's logits, where the unfused head plus loss keeps the `(B, N, C)` logits for the
+    backward and then allocates their gradient beside them; the FLOPs are the same (one forward and two gradient
+    products of the head), nothing is recomputed. The matrix products run in the autocast dtype when autocast is on
+    (as `nn.Linear` would), everything else in float32.
+
+    Args:
+        features: `(B, N, D)` the head's input for every token.
+        weight: `(C, D)` the head's weight.
+        bias: `(C,)` the head's bias, `(B, C)` a bias per sample (e.g. DINOv2's CLS half of the head), or None.
+        targets: the per-token targets (`TwoLabelTargets`, e.g. from `patch_token_targets`).
+        chunk_elements: logits per chunk (rounded to whole samples; at least one sample).
+
+    Returns:
+        Float32 scalar: the sum over all B * N rows of `row_scale * cross-entropy`.
+    """
+    if features.ndim != 3 or weight.ndim != 2 or features.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"`features` must have shape (batch, tokens, D) and `weight` (classes, D); got {tuple(features.shape)} "
+            f"and {tuple(weight.shape)}."
+        )
+    batch, tokens, _ = features.shape
+    classes = weight.shape[0]
+    if bias is not None and tuple(bias.shape) not in ((classes,), (batch, classes)):
+        raise ValueError(f"`bias` must have shape {(classes,)} or {(batch, classes)}, got {tuple(bias.shape)}.")
+    if tuple(targets.labels.shape) != (batch,) or tuple(targets.partner_labels.shape) != (batch,):
+        raise ValueError(
+            f"`targets.labels` and `targets.partner_labels` must have shape {(batch,)}, got "
+            f"{tuple(targets.labels.shape)} and {tuple(targets.partner_labels.shape)}."
+        )
+    if tuple(targets.weights.shape) != (tokens,) or tuple(targets.row_scale.shape) != (tokens,):
+        raise ValueError(
+            f"`targets.weights` and `targets.row_scale` must have shape {(tokens,)} (one per token), got "
+            f"{tuple(targets.weights.shape)} and {tuple(targets.row_scale.shape)}."
+        )
+    device_type = features.device.type
+    matmul_dtype = features.dtype
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        matmul_dtype = torch.get_autocast_dtype(device_type)
+    grad_on = torch.is_grad_enabled()
+    compute_grad = (
+        grad_on and features.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    samples_per_chunk = max(1, chunk_elements // max(1, tokens * classes))
+    options = (float(targets.label_smoothing), matmul_dtype, samples_per_chunk, compute_grad)
+    with _no_autocast(features):
+        return _LinearTwoLabelCrossEntropySum.apply(
+            features,
+            weight,
+            bias,
+            targets.labels,
+            targets.partner_labels,
+            targets.weights.float(),
+            targets.row_scale.float(),
+            options,
+        )
 
 
 __all__ = [
+    "LINEAR_CE_CHUNK_ELEMENTS",
     "PowerIterationState",
+    "TwoLabelTargets",
     "attention_cosine_loss",
+    "linear_two_label_cross_entropy_sum",
     "patch_contrastive_loss",
     "patch_cosine_loss",
     "patch_mixing_loss",
+    "patch_mixing_loss_from_token_sum",
     "patch_mixing_loss_two_label",
+    "patch_token_targets",
     "soft_target_cross_entropy",
     "two_label_cross_entropy_sum",
     "weight_condition_loss",

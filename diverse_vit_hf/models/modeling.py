@@ -41,7 +41,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
 
 from ..losses.mixing import check_patch_grid
-from ..losses.regularizers import soft_target_cross_entropy
+from ..losses.regularizers import TwoLabelTargets, linear_two_label_cross_entropy_sum, soft_target_cross_entropy
 from ..utils.distributed import full_weight
 from ..utils.fileio import atomic_write_text
 from .families import attention_module, backbone_layers, embeddings_output, final_norm, qkv_weights
@@ -51,7 +51,7 @@ from .timm_vit import (
     default_pretrained_cfg,
     set_timm_drop_path_rate,
     timm_config_attributes,
-    timm_token_head,
+    timm_token_head_parts,
     uses_reentrant_checkpointing,
 )
 
@@ -69,14 +69,82 @@ class DiverseImageClassifierOutput(ImageClassifierOutput):
         first_hidden_state: `(B, N, D)` `h^0`, the tokens entering block 1 (embeddings after dropout).
         last_block_hidden_state: `(B, N, D)` `h^L`, the last block's output before the final norm.
         first_block_attention_probs: `(B, H, N, N)` block 1's softmax attention probabilities, before dropout.
-        token_logits: `(B, N, C)` the head applied to every token (per family, see `token_head`); the patch-wise
-            mixing loss reads the patch entries `[:, K:]`.
+        token_logits: `(B, N, C)` the head applied to every token (per family, see `token_head_parts`); the
+            patch-wise mixing loss reads the patch entries `[:, K:]`. None when the forward was asked not to build
+            them (`return_token_logits=False`).
+        token_loss: `()` float32, the two-label cross-entropy of the per-token logits summed over every token
+            (`linear_two_label_cross_entropy_sum`), when the forward was given `token_targets`; the logits it reads
+            are never built whole.
     """
 
     first_hidden_state: torch.FloatTensor | None = None
     last_block_hidden_state: torch.FloatTensor | None = None
     first_block_attention_probs: torch.FloatTensor | None = None
     token_logits: torch.FloatTensor | None = None
+    token_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class TokenHead:
+    """A family's classification head in the form the per-token logits need: the image logits, and the per-token
+    logits as one linear map of per-token features, `token_logits = features @ weight.T + bias`.
+
+    Attributes:
+        logits: `(B, C)` the image logits, as the stock class computes them.
+        features: `(B, N, D_head)` the head's input for every token.
+        weight: `(C, D_head)` the head's weight (or the part of it that reads a token).
+        bias: `(C,)` the head's bias, `(B, C)` a bias per sample (the part of the head that reads the CLS token, for
+            DINOv2), or None.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def token_logits(self) -> torch.Tensor:
+        """`(B, N, C)` the per-token logits."""
+        logits = F.linear(self.features, self.weight)
+        if self.bias is None:
+            return logits
+        return logits + (self.bias.unsqueeze(1) if self.bias.ndim == 2 else self.bias)
+
+    def token_loss(self, targets: TwoLabelTargets) -> torch.Tensor:
+        """`()` the two-label cross-entropy of the per-token logits summed over every token, without building them
+        (`linear_two_label_cross_entropy_sum`)."""
+        return linear_two_label_cross_entropy_sum(self.features, self.weight, self.bias, targets)
+
+
+def linear_head(classifier: nn.Module) -> nn.Linear:
+    """The classifier as the linear layer the per-token logits need; a clear error for a headless model."""
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError(
+            f"The classifier is a {type(classifier).__name__}, not a linear layer: per-token logits need a model with "
+            "a classification head (load it with num_labels > 0)."
+        )
+    return classifier
+
+
+def diversity_output(
+    head: TokenHead,
+    labels: torch.Tensor | None,
+    first: list[torch.Tensor],
+    last: list[torch.Tensor],
+    probs: list[torch.Tensor],
+    token_targets: TwoLabelTargets | None,
+    return_token_logits: bool,
+) -> DiverseImageClassifierOutput:
+    """The diversified forward's output from its head and the captured tensors (one each in `first`, `last`,
+    `probs`): the per-token logits built only when asked for, the per-token loss only when given targets."""
+    return DiverseImageClassifierOutput(
+        loss=soft_target_cross_entropy(head.logits, labels) if labels is not None else None,
+        logits=head.logits,
+        first_hidden_state=first[0],
+        last_block_hidden_state=last[0],
+        first_block_attention_probs=probs[0],
+        token_logits=head.token_logits() if return_token_logits else None,
+        token_loss=head.token_loss(token_targets) if token_targets is not None else None,
+    )
 
 
 def eager_attention_with_probs(
@@ -284,20 +352,22 @@ class DiverseModelMixin:
                 "images with the model's image processor, or pass `interpolate_pos_encoding=True`."
             )
 
-    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image logits and the per-token logits from the backbone's final (normalised) tokens.
+    def token_head_parts(self, sequence_output: torch.Tensor) -> TokenHead:
+        """The image logits and the per-token logits' linear form, from the backbone's final (normalised) tokens.
 
         Default (ViT, DeiT, ViT-MSN): the head reads the CLS token, so the per-token logits are the head applied to
-        every token and the image logits are token 0's.
+        every token, `z_t = W h_t + b`, and the image logits are the stock ones, the head on token 0.
 
         Args:
             sequence_output: `(B, N, D)` the backbone's `last_hidden_state`.
-
-        Returns:
-            `(logits (B, C), token_logits (B, N, C))`.
         """
-        token_logits = self.classifier(sequence_output)
-        return token_logits[:, 0], token_logits
+        head = linear_head(self.classifier)
+        return TokenHead(head(sequence_output[:, 0]), sequence_output, head.weight, head.bias)
+
+    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logits (B, C), token_logits (B, N, C))` from `sequence_output` `(B, N, D)` (see `token_head_parts`)."""
+        head = self.token_head_parts(sequence_output)
+        return head.logits, head.token_logits()
 
     def backbone_kwargs(self, interpolate_pos_encoding: bool | None) -> dict[str, Any]:
         """Keyword arguments of the backbone's forward for the regularizers' pass."""
@@ -309,6 +379,8 @@ class DiverseModelMixin:
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         return_diversity_outputs: bool = False,
+        token_targets: TwoLabelTargets | None = None,
+        return_token_logits: bool = True,
         **kwargs: Any,
     ) -> ImageClassifierOutput | DiverseImageClassifierOutput:
         """Classify images; optionally also return the regularizers' inputs.
@@ -320,6 +392,11 @@ class DiverseModelMixin:
             interpolate_pos_encoding: interpolate position embeddings for other image sizes.
             return_diversity_outputs: also return `h^0`, pre-norm `h^L`, block-1 attention probabilities and
                 per-token logits (a `DiverseImageClassifierOutput`). Without it the forward is the stock one.
+            token_targets: with `return_diversity_outputs`, per-token targets (`TwoLabelTargets` over the N tokens):
+                the output's `token_loss` is then their summed cross-entropy, computed without building the
+                `(B, N, C)` per-token logits (what the patch-wise loss uses).
+            return_token_logits: with `return_diversity_outputs`, build the `(B, N, C)` per-token logits
+                (`token_logits`); False leaves them out (None).
         """
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         soft_labels = labels is not None and labels.is_floating_point()
@@ -364,17 +441,14 @@ class DiverseModelMixin:
                 f"probabilities {len(sink)}, h^0 {len(first)}, h^L {len(last)}); this transformers version lays the "
                 "model out differently."
             )
-        logits, token_logits = self.token_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = soft_target_cross_entropy(logits, labels)
-        return DiverseImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            first_hidden_state=first[0],
-            last_block_hidden_state=last[0],
-            first_block_attention_probs=sink[0],
-            token_logits=token_logits,
+        return diversity_output(
+            self.token_head_parts(outputs.last_hidden_state),
+            labels,
+            first,
+            last,
+            sink,
+            token_targets,
+            return_token_logits,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False, **kwargs: Any):
@@ -418,23 +492,6 @@ class DiverseViTMSNForImageClassification(DiverseModelMixin, ViTMSNForImageClass
     num_prefix_tokens = 1
 
 
-def _cls_and_token_logits(classifier: nn.Module, cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """`classifier([cls; token])` for every token at once, by splitting the linear head's weight.
-
-    Args:
-        cls: `(B, D)`; tokens: `(B, N, D)`.
-
-    Returns:
-        `(B, N, C)`.
-    """
-    if not isinstance(classifier, nn.Linear):
-        raise ValueError("The classifier must be a linear layer (num_labels > 0) to compute per-token logits.")
-    hidden = cls.shape[-1]
-    weight = classifier.weight
-    cls_part = F.linear(cls, weight[:, :hidden], classifier.bias)  # (B, C)
-    return cls_part.unsqueeze(1) + F.linear(tokens, weight[:, hidden:])
-
-
 class DiverseDinov2ForImageClassification(DiverseModelMixin, Dinov2ForImageClassification):
     """`Dinov2ForImageClassification` that can return the regularizers' inputs. One prefix token (CLS).
 
@@ -449,10 +506,14 @@ class DiverseDinov2ForImageClassification(DiverseModelMixin, Dinov2ForImageClass
     def backbone_kwargs(self, interpolate_pos_encoding: bool | None) -> dict[str, Any]:
         return {}
 
-    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_head_parts(self, sequence_output: torch.Tensor) -> TokenHead:
+        head = linear_head(self.classifier)
         cls, patches = sequence_output[:, 0], sequence_output[:, self.num_prefix_tokens :]
-        logits = self.classifier(torch.cat([cls, patches.mean(dim=1)], dim=1))
-        return logits, _cls_and_token_logits(self.classifier, cls, sequence_output)
+        logits = head(torch.cat([cls, patches.mean(dim=1)], dim=1))
+        # Split the head's weight: its CLS half and bias are a bias per sample, its token half reads each token.
+        hidden = cls.shape[-1]
+        cls_part = F.linear(cls, head.weight[:, :hidden], head.bias)  # (B, C)
+        return TokenHead(logits, sequence_output, head.weight[:, hidden:], cls_part)
 
 
 class DiverseDinov2WithRegistersForImageClassification(DiverseModelMixin, Dinov2WithRegistersForImageClassification):
@@ -469,8 +530,8 @@ class DiverseDinov2WithRegistersForImageClassification(DiverseModelMixin, Dinov2
     def backbone_kwargs(self, interpolate_pos_encoding: bool | None) -> dict[str, Any]:
         return {}
 
-    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return DiverseDinov2ForImageClassification.token_head(self, sequence_output)
+    def token_head_parts(self, sequence_output: torch.Tensor) -> TokenHead:
+        return DiverseDinov2ForImageClassification.token_head_parts(self, sequence_output)
 
 
 class _MeanPoolingHeadMixin:
@@ -485,13 +546,13 @@ class _MeanPoolingHeadMixin:
     def backbone_kwargs(self, interpolate_pos_encoding: bool | None) -> dict[str, Any]:
         return {"interpolate_pos_encoding": bool(interpolate_pos_encoding)}
 
-    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_head_parts(self, sequence_output: torch.Tensor) -> TokenHead:
         pool_norm = getattr(self.backbone.pooler, "layernorm", None)
         if pool_norm is None:  # CLS pooling
-            token_logits = self.classifier(sequence_output)
-            return token_logits[:, 0], token_logits
-        logits = self.classifier(pool_norm(sequence_output[:, self.num_prefix_tokens :].mean(dim=1)))
-        return logits, self.classifier(pool_norm(sequence_output))
+            return DiverseModelMixin.token_head_parts(self, sequence_output)
+        head = linear_head(self.classifier)
+        logits = head(pool_norm(sequence_output[:, self.num_prefix_tokens :].mean(dim=1)))
+        return TokenHead(logits, pool_norm(sequence_output), head.weight, head.bias)
 
 
 class DiverseBeitForImageClassification(_MeanPoolingHeadMixin, DiverseModelMixin, BeitForImageClassification):
@@ -512,9 +573,9 @@ class DiverseIJepaForImageClassification(DiverseModelMixin, IJepaForImageClassif
 
     num_prefix_tokens = 0
 
-    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        token_logits = self.classifier(sequence_output)
-        return self.classifier(sequence_output.mean(dim=1)), token_logits
+    def token_head_parts(self, sequence_output: torch.Tensor) -> TokenHead:
+        head = linear_head(self.classifier)
+        return TokenHead(head(sequence_output.mean(dim=1)), sequence_output, head.weight, head.bias)
 
 
 class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperForImageClassification):
@@ -527,7 +588,7 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
     families keep block 1's eager kernel, so activation-checkpoint recomputation and compiled graphs see one path);
     its probabilities are captured at `attn.attn_drop`, before the dropout. Every other block keeps timm's setting
     (the fused `scaled_dot_product_attention`). `h^0` and `h^L` come from hooks on `norm_pre` and `norm` within the one
-    `forward_features` pass; the per-token logits from the model's own head (`timm_vit.timm_token_head`).
+    `forward_features` pass; the per-token logits from the model's own head (`timm_vit.timm_token_head_parts`).
 
     The configuration gains the attributes the package reads from every family (`image_size`, `patch_size`,
     `num_channels`, `hidden_size`, ...: `timm_vit.TIMM_CONFIG_ATTRIBUTES`), read from the built timm model; they are
@@ -587,15 +648,17 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
                 "images with the model's image processor (AutoImageProcessor: timm's evaluation transform)."
             )
 
-    def token_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """See `timm_vit.timm_token_head`; `sequence_output` is `forward_features`' output `norm(h^L)`."""
-        return timm_token_head(self.timm_model, sequence_output)
+    def token_head_parts(self, sequence_output: torch.Tensor) -> TokenHead:
+        """See `timm_vit.timm_token_head_parts`; `sequence_output` is `forward_features`' output `norm(h^L)`."""
+        return TokenHead(*timm_token_head_parts(self.timm_model, sequence_output))
 
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_diversity_outputs: bool = False,
+        token_targets: TwoLabelTargets | None = None,
+        return_token_logits: bool = True,
         **kwargs: Any,
     ) -> ImageClassifierOutput | DiverseImageClassifierOutput:
         """Classify images; optionally also return the regularizers' inputs.
@@ -606,6 +669,7 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
             return_diversity_outputs: also return `h^0`, pre-norm `h^L`, block-1 attention probabilities and
                 per-token logits (a `DiverseImageClassifierOutput`). Without it the forward is the stock wrapper's
                 (`output_hidden_states` etc. as there).
+            token_targets, return_token_logits: as in `DiverseModelMixin.forward`.
         """
         self.check_pixel_values(pixel_values)
         soft_labels = labels is not None and labels.is_floating_point()
@@ -647,14 +711,8 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
                 f"probabilities {len(sink)}, h^0 {len(first)}, h^L {len(last)}); this timm version lays the model out "
                 "differently."
             )
-        logits, token_logits = self.token_head(features)
-        return DiverseImageClassifierOutput(
-            loss=soft_target_cross_entropy(logits, labels) if labels is not None else None,
-            logits=logits,
-            first_hidden_state=first[0],
-            last_block_hidden_state=last[0],
-            first_block_attention_probs=sink[0],
-            token_logits=token_logits,
+        return diversity_output(
+            self.token_head_parts(features), labels, first, last, sink, token_targets, return_token_logits
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):

@@ -18,7 +18,7 @@ What the regularizers read (`docs/method.md` §9):
 - `A^1`: block 1's softmax probabilities on timm's unfused path, where they pass through `attn.attn_drop` (captured
   there, before the dropout); only block 1 leaves the fused kernel;
 - the per-token logits: the model's own head applied to each token in place of what it pools,
-  `head(head_drop(fc_norm(x_t)))` with `x = norm(h^L)` (`timm_token_head`);
+  `head(head_drop(fc_norm(x_t)))` with `x = norm(h^L)` (`timm_token_head_parts`);
 - K = `num_prefix_tokens` (class token + registers);
 - Q, K, V: the row blocks of each block's fused `qkv` weight (`families.qkv_weights`).
 """
@@ -210,13 +210,16 @@ def timm_checkpoint_details(config: dict[str, Any]) -> dict[str, Any]:
     return timm_config_attributes(model)
 
 
-def timm_token_head(model: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image logits and per-token logits of a timm ViT from `forward_features`' output `x = norm(h^L)`.
+def timm_token_head_parts(
+    model: nn.Module, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Image logits and the linear form of the per-token logits of a timm ViT, from `forward_features`' output
+    `x = norm(h^L)`.
 
     The per-token logits are the model's own head applied to each token in place of what it pools:
     `z_t = head(head_drop(fc_norm(x_t)))` (`forward_head` without the pooling). With the class-token head
-    (`global_pool="token"`, `fc_norm` an identity) that is `W norm(h_t) + b` and the image logits are the class
-    token's, `z_0`. With the average-pooled head the image logits are `forward_head(x)` itself: the mean of the
+    (`global_pool="token"`, `fc_norm` an identity) that is `W norm(h_t) + b`, and the image logits, timm's own
+    `forward_head(x)`, are the class token's. With the average-pooled head the image logits are the mean of the
     (prefix-free) tokens, then `fc_norm`, then the head, so `z_t = W LN_pool(h_t) + b` for heads that normalise after
     pooling (`norm` an identity), as for BEiT's mean pooling, and `W norm(h_t) + b`, whose patch mean is the image
     logits, for those that normalise before (`fc_norm` an identity).
@@ -225,17 +228,15 @@ def timm_token_head(model: nn.Module, features: torch.Tensor) -> tuple[torch.Ten
         features: `(B, N, D)` the output of `forward_features`.
 
     Returns:
-        `(logits (B, C), token_logits (B, N, C))`.
+        `(logits (B, C), token_features (B, N, D), weight (C, D), bias (C,) or None)`: the per-token logits are
+        `token_features @ weight.T + bias`.
     """
     if not isinstance(model.head, nn.Linear):
         raise ValueError(
             "The timm model has no linear classification head (num_classes 0): load it with num_labels > 0 to "
             "compute per-token logits."
         )
-    token_logits = model.head(model.head_drop(model.fc_norm(features)))
-    if model.global_pool == "token":
-        return token_logits[:, 0], token_logits
-    return model.forward_head(features), token_logits
+    return model.forward_head(features), model.head_drop(model.fc_norm(features)), model.head.weight, model.head.bias
 
 
 def set_timm_drop_path_rate(model: nn.Module, drop_path_rate: float) -> list[float]:
@@ -274,6 +275,6 @@ __all__ = [
     "set_timm_drop_path_rate",
     "timm_checkpoint_details",
     "timm_config_attributes",
-    "timm_token_head",
+    "timm_token_head_parts",
     "uses_reentrant_checkpointing",
 ]

@@ -30,7 +30,8 @@ from ..losses.regularizers import (
     patch_contrastive_loss,
     patch_cosine_loss,
     patch_mixing_loss,
-    patch_mixing_loss_two_label,
+    patch_mixing_loss_from_token_sum,
+    patch_token_targets,
     soft_target_cross_entropy,
     weight_condition_loss,
 )
@@ -222,18 +223,34 @@ class DiversityObjective:
             pixel_values, targets, patch_targets = self.targets(batch)
         else:
             pixel_values, targets = mixed.pixel_values, mixed.targets
-        outputs = model(pixel_values=pixel_values, return_diversity_outputs=self.config.needs_diversity_outputs)
+        diversity_kwargs = {}
+        if self.config.needs_diversity_outputs:
+            # The patch-wise loss on two-label targets is computed inside the forward (`token_loss`, chunked, the
+            # `(B, N, C)` per-token logits never built); the per-token logits are built only for pre-mixed targets.
+            two_label = self.config.patch_mixing_loss and mixed is not None
+            diversity_kwargs = {
+                "return_diversity_outputs": True,
+                "return_token_logits": self.config.patch_mixing_loss and not two_label,
+            }
+            if two_label:
+                diversity_kwargs["token_targets"] = patch_token_targets(
+                    mixed.labels,
+                    mixed.partner_labels,
+                    mixed.patch_weights,
+                    mixed.label_smoothing,
+                    unwrapped.num_prefix_tokens,
+                )
+        outputs = model(pixel_values=pixel_values, **diversity_kwargs)
         # The image-level term reads the model's image logits: token 0's for CLS heads, the pooled head's else.
         if self.config.patch_mixing_loss and mixed is not None:
-            loss = patch_mixing_loss_two_label(
-                outputs.token_logits,
+            loss = patch_mixing_loss_from_token_sum(
+                outputs.token_loss,
                 outputs.logits,
                 mixed.labels,
                 mixed.partner_labels,
                 mixed.lam,
-                mixed.patch_weights,
                 mixed.label_smoothing,
-                unwrapped.num_prefix_tokens,
+                mixed.patch_weights.shape[0],
             )
         elif self.config.patch_mixing_loss:
             loss = patch_mixing_loss(

@@ -18,9 +18,12 @@ from torch.utils._pytree import tree_flatten
 from diverse_vit_hf.losses.regularizers import (
     PowerIterationState,
     attention_cosine_loss,
+    linear_two_label_cross_entropy_sum,
     patch_contrastive_loss,
     patch_cosine_loss,
     patch_mixing_loss,
+    patch_token_targets,
+    two_label_cross_entropy_sum,
     weight_condition_loss,
 )
 
@@ -822,3 +825,130 @@ def test_two_label_patch_loss_under_bf16_autocast_is_computed_in_float32():
     assert got.dtype == torch.float32 and torch.equal(got, in_float32)
     with pytest.raises(ValueError, match="`patch_weights` \\(4,\\)"):
         patch_mixing_loss_two_label(token_logits, image_logits, labels, labels, 0.7, torch.rand(3), 0.1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The patch-wise loss from a linear head's features, in chunks (no (B, N, C) logits)
+
+
+def _linear_ce_case(bias_kind: str, dtype: torch.dtype = torch.float64):
+    """`(features (5, 7, 6), weight (11, 6), bias, targets)`: 2 prefix tokens, smoothing 0.1, random patch weights."""
+
+    generator = torch.Generator().manual_seed(0)
+    batch, tokens, hidden, classes, prefix = 5, 7, 6, 11, 2
+    features = torch.randn(batch, tokens, hidden, generator=generator, dtype=torch.float64)
+    weight = torch.randn(classes, hidden, generator=generator, dtype=torch.float64)
+    bias = {"none": None, "shared": (classes,), "per_sample": (batch, classes)}[bias_kind]
+    if bias is not None:
+        bias = torch.randn(*bias, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    patch_weights = torch.rand(tokens - prefix, generator=generator)
+    targets = patch_token_targets(labels, labels.roll(1), patch_weights, 0.1, prefix)
+    return features.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), targets
+
+
+@pytest.mark.parametrize("bias_kind", ["none", "shared", "per_sample"])
+@pytest.mark.parametrize("chunk_elements", [1, 40, 2**30])
+def test_linear_two_label_cross_entropy_equals_the_loss_on_built_logits(bias_kind, chunk_elements):
+    """Value and every gradient against the unfused head + loss in float64, for one-sample, several-sample and
+    whole-batch chunks."""
+    features, weight, bias, targets = _linear_ce_case(bias_kind)
+    reference_inputs = [t.clone().requires_grad_() for t in (features, weight, bias) if t is not None]
+    logits = reference_inputs[0] @ reference_inputs[1].T
+    if bias is not None:
+        logits = logits + (reference_inputs[2].unsqueeze(1) if bias.ndim == 2 else reference_inputs[2])
+    reference = two_label_cross_entropy_sum(
+        logits, targets.labels, targets.partner_labels, targets.weights.double(), 0.1, targets.row_scale.double()
+    )
+    inputs = [t.float().requires_grad_() for t in (features, weight, bias) if t is not None]
+    got = linear_two_label_cross_entropy_sum(
+        inputs[0], inputs[1], inputs[2] if bias is not None else None, targets, chunk_elements=chunk_elements
+    )
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(reference.item(), rel=1e-6)
+    (2.5 * reference).backward()
+    (2.5 * got).backward()  # the backward scales the gradients the forward took
+    for ours, theirs in zip(inputs, reference_inputs, strict=True):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_two_label_cross_entropy_against_a_loop():
+    features, weight, bias, targets = _linear_ce_case("shared", torch.float32)
+    eps, classes = targets.label_smoothing, weight.shape[0]
+    expected = 0.0
+    for b in range(features.shape[0]):
+        for t in range(features.shape[1]):
+            target = torch.full((classes,), eps / classes)
+            target[targets.labels[b]] += (1 - eps) * targets.weights[t]
+            target[targets.partner_labels[b]] += (1 - eps) * (1 - targets.weights[t])
+            logits = weight @ features[b, t] + bias
+            expected += targets.row_scale[t].item() * -(target * torch.log_softmax(logits, dim=-1)).sum().item()
+    got = linear_two_label_cross_entropy_sum(features, weight, bias, targets, chunk_elements=1)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_linear_two_label_cross_entropy_never_builds_the_whole_logits():
+    """Every tensor the forward and the backward create is watched: none has the B * N * C elements of the whole
+    per-token logits (the unfused head + loss creates several), and at most one chunk's worth."""
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, tensor.numel())
+            return out
+
+    batch, tokens, hidden, classes = 8, 10, 4, 50
+    features = torch.randn(batch, tokens, hidden, requires_grad=True)
+    head = torch.nn.Linear(hidden, classes)
+    labels = torch.randint(0, classes, (batch,))
+    targets = patch_token_targets(labels, labels.flip(0), torch.rand(tokens - 1), 0.1, 1)
+    chunk = 2 * tokens * classes  # two samples per chunk
+
+    def largest(loss_fn) -> int:
+        LargestTensor.largest = 0
+        with LargestTensor():
+            loss_fn().backward()
+        return LargestTensor.largest
+
+    fused = largest(lambda: linear_two_label_cross_entropy_sum(features, head.weight, head.bias, targets, chunk))
+    unfused = largest(
+        lambda: two_label_cross_entropy_sum(
+            head(features), labels, labels.flip(0), targets.weights, 0.1, targets.row_scale
+        )
+    )
+    assert unfused == batch * tokens * classes  # the watcher sees the whole logits where they exist
+    assert fused == chunk
+
+
+def test_linear_two_label_cross_entropy_without_grad_and_under_autocast():
+    features, weight, _, targets = _linear_ce_case("none", torch.float32)
+    with torch.no_grad():
+        value = linear_two_label_cross_entropy_sum(features.requires_grad_(), weight, None, targets)
+    assert not value.requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = linear_two_label_cross_entropy_sum(features, weight, None, targets)
+    # The head's products in bf16, as `nn.Linear` under autocast; the loss itself in float32.
+    built = two_label_cross_entropy_sum(
+        (features.bfloat16() @ weight.bfloat16().T).float(), targets.labels, targets.partner_labels,
+        targets.weights, targets.label_smoothing, targets.row_scale,
+    )  # fmt: skip
+    assert in_bf16.dtype == torch.float32
+    assert in_bf16.item() == pytest.approx(built.item(), rel=1e-5)
+    assert in_bf16.item() != pytest.approx(value.item(), rel=1e-5)
+
+
+def test_linear_two_label_cross_entropy_refuses_mismatched_shapes():
+    features, weight, bias, targets = _linear_ce_case("shared", torch.float32)
+    with pytest.raises(ValueError, match=r"`features` must have shape \(batch, tokens, D\)"):
+        linear_two_label_cross_entropy_sum(features, weight[:, :-1], bias, targets)
+    with pytest.raises(ValueError, match=r"`bias` must have shape \(11,\) or \(5, 11\)"):
+        linear_two_label_cross_entropy_sum(features, weight, bias[:-1], targets)
+    short = patch_token_targets(targets.labels, targets.partner_labels, torch.rand(3), 0.1, 2)
+    with pytest.raises(ValueError, match=r"one per token\), got \(5,\)"):
+        linear_two_label_cross_entropy_sum(features, weight, bias, short)
+    with pytest.raises(ValueError, match=r"`targets.labels` and `targets.partner_labels` must have shape \(4,\)"):
+        linear_two_label_cross_entropy_sum(features[:4], weight, None, targets)

@@ -26,6 +26,7 @@ from diverse_vit_hf import (
 )
 from diverse_vit_hf.analysis.metrics import attention_probabilities
 from diverse_vit_hf.analysis.probe import RedundancyProbe, weight_statistics
+from diverse_vit_hf.losses.regularizers import patch_token_targets, two_label_cross_entropy_sum
 from diverse_vit_hf.models.families import attention_module, backbone_layers, block_linear
 from diverse_vit_hf.models.modeling import BLOCK1_EAGER_PREFIX, BranchDropout, eager_attention_with_probs
 
@@ -126,6 +127,39 @@ def test_per_token_logits_follow_the_documented_definition(model_type):
             assert (patches.mean(dim=1) - out.logits).abs().max() > 1e-4
         else:
             torch.testing.assert_close(out.token_logits[:, 0], out.logits)
+
+
+def _token_targets(batch: int, tokens: int, prefix: int):
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, NUM_LABELS, (batch,), generator=generator)
+    return patch_token_targets(labels, labels.roll(1), torch.rand(tokens - prefix, generator=generator), 0.1, prefix)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_the_token_loss_equals_the_loss_on_the_per_token_logits(model_type):
+    """`token_targets` make the forward return the patch-wise loss's per-token sum without building the per-token
+    logits (chunked, gradients taken in the forward): equal, with its parameter gradients, to the same loss on the
+    `token_logits` the forward otherwise returns."""
+    model = build(model_type)  # eval mode: the two forwards draw no dropout
+    x = images()
+    out = model(pixel_values=x, return_diversity_outputs=True)
+    targets = _token_targets(x.shape[0], out.token_logits.shape[1], model.num_prefix_tokens)
+    reference = two_label_cross_entropy_sum(
+        out.token_logits, targets.labels, targets.partner_labels, targets.weights, 0.1, targets.row_scale
+    )
+    reference_grads = torch.autograd.grad(reference, list(model.parameters()), allow_unused=True)
+    fused = model(pixel_values=x, return_diversity_outputs=True, token_targets=targets, return_token_logits=False)
+    assert fused.token_logits is None and out.token_loss is None
+    torch.testing.assert_close(fused.logits, out.logits)
+    assert fused.token_loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    fused_grads = torch.autograd.grad(fused.token_loss, list(model.parameters()), allow_unused=True)
+    compared = 0
+    for (name, _), ours, theirs in zip(model.named_parameters(), fused_grads, reference_grads, strict=True):
+        assert (ours is None) == (theirs is None), name
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
+            compared += 1
+    assert compared > 4  # the head and the backbone below it
 
 
 def test_beit_with_cls_pooling_reads_the_cls_token(tmp_path):

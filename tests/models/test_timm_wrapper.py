@@ -51,6 +51,8 @@ from diverse_vit_hf.losses.regularizers import (
     attention_cosine_loss,
     patch_contrastive_loss,
     patch_cosine_loss,
+    patch_token_targets,
+    two_label_cross_entropy_sum,
     weight_condition_loss,
 )
 from diverse_vit_hf.models import timm_vit
@@ -162,6 +164,29 @@ def test_diversity_outputs_equal_the_stock_timm_model_run_unfused(replicas, hub_
         torch.testing.assert_close(out.logits, out.token_logits[:, 0])
     elif isinstance(stock.fc_norm, torch.nn.Identity):  # norm before an average pool: linear head on the mean
         torch.testing.assert_close(out.logits, out.token_logits[:, prefix:].mean(dim=1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hub_id", HUB_IDS)
+def test_the_token_loss_equals_the_loss_on_the_per_token_logits(replicas, hub_id):
+    """With `token_targets` the timm head's per-token cross-entropy is computed chunked, never building the
+    per-token logits: equal, with the head's and the final norm's gradients, to the loss on `token_logits`."""
+    ours = load(replicas[hub_id]).eval()
+    images = pixels(hub_id)
+    out = ours(pixel_values=images, return_diversity_outputs=True)
+    batch, tokens, classes = out.token_logits.shape
+    labels = torch.arange(batch) % classes
+    targets = patch_token_targets(labels, labels.flip(0), torch.rand(tokens - ours.num_prefix_tokens), 0.1,
+                                  ours.num_prefix_tokens)  # fmt: skip
+    reference = two_label_cross_entropy_sum(
+        out.token_logits, labels, labels.flip(0), targets.weights, 0.1, targets.row_scale
+    )
+    watched = [ours.timm_model.head.weight, ours.timm_model.head.bias, ours.timm_model.blocks[-1].mlp.fc2.weight]
+    expected = torch.autograd.grad(reference, watched)
+    fused = ours(pixel_values=images, return_diversity_outputs=True, token_targets=targets, return_token_logits=False)
+    assert fused.token_logits is None
+    assert fused.token_loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(torch.autograd.grad(fused.token_loss, watched), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_only_block_one_leaves_the_fused_kernel(replicas, monkeypatch):
