@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .configuration import PATCH_COSINE_VARIANTS, WEIGHT_ESTIMATORS
 
@@ -156,6 +157,55 @@ def attention_cosine_loss(attention_probs: torch.Tensor) -> torch.Tensor:
         norms = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(NORM_EPS**2).sqrt()  # (B, H) = max(||A_h||, eps)
         cosine = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
         return cosine.mean(dim=(1, 2)).mean()
+
+
+def softmax_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention probabilities `softmax(q k^T * scaling + bias)` as an eager attention kernel computes them (the
+    softmax in float32, the result in the query's dtype).
+
+    Args:
+        query, key: `(B, H, N, d)`.
+        scaling: the factor on the dot products (usually `d ** -0.5`).
+        bias: an additive bias broadcastable to `(B, H, N, N)` (e.g. BEiT's relative position bias), or None.
+
+    Returns:
+        `(B, H, N, N)`.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if bias is not None:
+        scores = scores + bias
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+def attention_cosine_loss_from_scores(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`attention_cosine_loss(softmax_attention(query, key, scaling, bias))` without keeping the `(B, H, N, N)`
+    probabilities for the backward: they are recomputed there from the query and key (activation checkpointing), which
+    the attention kernel keeps anyway. The loss on a block whose attention runs a fused kernel (SDPA) that never
+    builds its probabilities costs one `(B, H, N, N)` map at a time instead of one kept through the whole step.
+
+    Args:
+        query, key: `(B, H, N, d)` the block's attention query and key (after any query/key norm).
+        scaling, bias: as in `softmax_attention`.
+
+    Returns:
+        Float32 scalar.
+    """
+    if query.ndim != 4 or query.shape != key.shape:
+        raise ValueError(
+            f"`query` and `key` must have the same shape (batch, heads, tokens, head_dim), got {tuple(query.shape)} "
+            f"and {tuple(key.shape)}."
+        )
+
+    def loss(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return attention_cosine_loss(softmax_attention(query, key, scaling, bias))
+
+    if not torch.is_grad_enabled():
+        return loss(query, key, bias)
+    return torch.utils.checkpoint.checkpoint(loss, query, key, bias, use_reentrant=False)
 
 
 @dataclass
@@ -728,6 +778,7 @@ __all__ = [
     "PowerIterationState",
     "TwoLabelTargets",
     "attention_cosine_loss",
+    "attention_cosine_loss_from_scores",
     "linear_two_label_cross_entropy_sum",
     "patch_contrastive_loss",
     "patch_cosine_loss",
@@ -736,6 +787,7 @@ __all__ = [
     "patch_mixing_loss_two_label",
     "patch_token_targets",
     "soft_target_cross_entropy",
+    "softmax_attention",
     "two_label_cross_entropy_sum",
     "weight_condition_loss",
 ]

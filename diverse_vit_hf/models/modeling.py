@@ -7,11 +7,12 @@ diversified model runs in vanilla `transformers`, `pipeline("image-classificatio
 remote code.
 
 With `return_diversity_outputs=True` the forward also returns `h^0`, the pre-LayerNorm `h^L`, block 1's
-attention probabilities and per-token logits. Only block 1 then runs an eager attention kernel (its
-probabilities are needed); every other block keeps the configured fast kernel (SDPA, flash, ...). The
-dispatch goes through transformers' `AttentionInterface`: a registered function runs the eager kernel for
-the one flagged module and delegates to the base implementation for all others. The flag stays set once
-installed, so activation-checkpoint recomputation takes the same path as the forward.
+attention query and key (from which its probabilities follow) and per-token logits. Every block keeps the configured
+fast kernel (SDPA, flash, ...), which never builds the `(B, H, N, N)` probabilities: the attention term computes them
+from the captured query and key and recomputes them in its backward (`attention_cosine_loss_from_scores`). The
+capture goes through transformers' `AttentionInterface`: a registered function records the query and key of the one
+flagged module and delegates every module to the base implementation. The flag stays set once installed, so
+activation-checkpoint recomputation takes the same path as the forward.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
 
 from ..losses.mixing import check_patch_grid
-from ..losses.regularizers import TwoLabelTargets, linear_two_label_cross_entropy_sum, soft_target_cross_entropy
+from ..losses.regularizers import (
+    TwoLabelTargets,
+    attention_cosine_loss_from_scores,
+    linear_two_label_cross_entropy_sum,
+    soft_target_cross_entropy,
+    softmax_attention,
+)
 from ..utils.distributed import full_weight
 from ..utils.fileio import atomic_write_text
 from .families import attention_module, backbone_layers, embeddings_output, final_norm, qkv_weights
@@ -55,7 +62,33 @@ from .timm_vit import (
     uses_reentrant_checkpointing,
 )
 
-BLOCK1_EAGER_PREFIX = "diverse_vit_block1_eager+"
+BLOCK1_CAPTURE_PREFIX = "diverse_vit_block1_capture+"
+
+
+@dataclass
+class AttentionScores:
+    """What a block's attention probabilities are computed from: `softmax(query key^T * scaling + bias)`.
+
+    Attributes:
+        query, key: `(B, H, N, d)` after any query/key norm, as the attention kernel receives them.
+        scaling: the factor on the dot products.
+        bias: the additive mask the kernel receives (BEiT's relative position bias), broadcastable to
+            `(B, H, N, N)`, or None.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    scaling: float
+    bias: torch.Tensor | None = None
+
+    def probabilities(self) -> torch.Tensor:
+        """`(B, H, N, N)` the softmax probabilities (`softmax_attention`)."""
+        return softmax_attention(self.query, self.key, self.scaling, self.bias)
+
+    def cosine_loss(self) -> torch.Tensor:
+        """The attention term on these probabilities, recomputing them in the backward
+        (`attention_cosine_loss_from_scores`)."""
+        return attention_cosine_loss_from_scores(self.query, self.key, self.scaling, self.bias)
 
 
 @dataclass
@@ -68,7 +101,8 @@ class DiverseImageClassifierOutput(ImageClassifierOutput):
             pooled head).
         first_hidden_state: `(B, N, D)` `h^0`, the tokens entering block 1 (embeddings after dropout).
         last_block_hidden_state: `(B, N, D)` `h^L`, the last block's output before the final norm.
-        first_block_attention_probs: `(B, H, N, N)` block 1's softmax attention probabilities, before dropout.
+        first_block_attention: block 1's attention query and key (`AttentionScores`); its softmax probabilities,
+            before dropout, are `first_block_attention_probs` `(B, H, N, N)`, computed on access.
         token_logits: `(B, N, C)` the head applied to every token (per family, see `token_head_parts`); the
             patch-wise mixing loss reads the patch entries `[:, K:]`. None when the forward was asked not to build
             them (`return_token_logits=False`).
@@ -79,9 +113,15 @@ class DiverseImageClassifierOutput(ImageClassifierOutput):
 
     first_hidden_state: torch.FloatTensor | None = None
     last_block_hidden_state: torch.FloatTensor | None = None
-    first_block_attention_probs: torch.FloatTensor | None = None
+    first_block_attention: AttentionScores | None = None
     token_logits: torch.FloatTensor | None = None
     token_loss: torch.FloatTensor | None = None
+
+    @property
+    def first_block_attention_probs(self) -> torch.Tensor | None:
+        """`(B, H, N, N)` block 1's softmax attention probabilities before dropout, computed from its query and key on
+        each access (the attention kernel does not build them)."""
+        return None if self.first_block_attention is None else self.first_block_attention.probabilities()
 
 
 @dataclass
@@ -130,18 +170,18 @@ def diversity_output(
     labels: torch.Tensor | None,
     first: list[torch.Tensor],
     last: list[torch.Tensor],
-    probs: list[torch.Tensor],
+    attention: list[AttentionScores],
     token_targets: TwoLabelTargets | None,
     return_token_logits: bool,
 ) -> DiverseImageClassifierOutput:
     """The diversified forward's output from its head and the captured tensors (one each in `first`, `last`,
-    `probs`): the per-token logits built only when asked for, the per-token loss only when given targets."""
+    `attention`): the per-token logits built only when asked for, the per-token loss only when given targets."""
     return DiverseImageClassifierOutput(
         loss=soft_target_cross_entropy(head.logits, labels) if labels is not None else None,
         logits=head.logits,
         first_hidden_state=first[0],
         last_block_hidden_state=last[0],
-        first_block_attention_probs=probs[0],
+        first_block_attention=attention[0],
         token_logits=head.token_logits() if return_token_logits else None,
         token_loss=head.token_loss(token_targets) if token_targets is not None else None,
     )
@@ -175,20 +215,19 @@ def eager_attention_with_probs(
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), probs
 
 
-def register_block1_eager_attention(base_implementation: str) -> str:
-    """Register (once) an attention function that runs `eager_attention_with_probs` on the module flagged with
-    `_diverse_capture_probs` and `base_implementation` everywhere else. Returns its registered name."""
-    name = BLOCK1_EAGER_PREFIX + base_implementation
+def register_block1_capture_attention(base_implementation: str) -> str:
+    """Register (once) an attention function that records the query and key (`AttentionScores`) of the module
+    flagged with `_diverse_capture_attention` in its `_diverse_attention_sink`, when one is set, and runs
+    `base_implementation` for every module. Returns its registered name."""
+    name = BLOCK1_CAPTURE_PREFIX + base_implementation
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
 
     def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        if getattr(module, "_diverse_capture_probs", False):
-            output, probs = eager_attention_with_probs(module, query, key, value, attention_mask, dropout, scaling)
-            sink = getattr(module, "_diverse_probs_sink", None)
-            if sink is not None:
-                sink.append(probs)
-            return output, probs
+        sink = getattr(module, "_diverse_attention_sink", None)
+        if sink is not None and getattr(module, "_diverse_capture_attention", False):
+            sink.append(AttentionScores(query, key, query.shape[-1] ** -0.5 if scaling is None else scaling,
+                                        attention_mask))  # fmt: skip
         if base_implementation == "eager":
             output, _ = eager_attention_with_probs(module, query, key, value, attention_mask, dropout, scaling)
             return output, None
@@ -303,14 +342,14 @@ class DiverseModelMixin:
         return rates
 
     def install_block1_attention_capture(self) -> None:
-        """Make block 1 run eager attention (for its probabilities) and every other block the current kernel, and
-        hook the embeddings (`h^0`) and the final norm's input (`h^L`). Done once (the trainer calls it before any
-        compilation): the hooks only write into a sink while a diversity forward has set one, so a compiled
-        forward traces them without graph breaks."""
+        """Route attention through the capturing function (block 1's query and key recorded, every block on the
+        current kernel) and hook the embeddings (`h^0`) and the final norm's input (`h^L`). Done once (the trainer
+        calls it before any compilation): the hooks only write into a sink while a diversity forward has set one,
+        so a compiled forward traces them without graph breaks."""
         implementation = self.config._attn_implementation or "sdpa"
-        if not implementation.startswith(BLOCK1_EAGER_PREFIX):
-            self.set_attn_implementation(register_block1_eager_attention(implementation))
-        attention_module(self.diversity_layers[0])._diverse_capture_probs = True
+        if not implementation.startswith(BLOCK1_CAPTURE_PREFIX):
+            self.set_attn_implementation(register_block1_capture_attention(implementation))
+        attention_module(self.diversity_layers[0])._diverse_capture_attention = True
         backbone = self.backbone
         embeddings = embeddings_output(backbone)
         if not getattr(embeddings, "_diverse_hooked", False):
@@ -417,13 +456,13 @@ class DiverseModelMixin:
         self.install_block1_attention_capture()
         backbone, layers = self.backbone, self.diversity_layers
         # Reentrant activation checkpointing runs the forward under no_grad, which would detach the captured
-        # probabilities (the recompute cannot hand them back): block 1 is never checkpointed, the rest may be.
+        # query and key (the recompute cannot hand them back): block 1 is never checkpointed, the rest may be.
         layers[0].gradient_checkpointing = False
-        sink: list[torch.Tensor] = []
+        sink: list[AttentionScores] = []
         first: list[torch.Tensor] = []
         last: list[torch.Tensor] = []  # the final norm's input, h^L: outside any checkpointed block, so in the graph
         first_attention, norm = attention_module(layers[0]), final_norm(backbone)
-        first_attention._diverse_probs_sink = sink
+        first_attention._diverse_attention_sink = sink
         backbone.embeddings._diverse_sink = first
         norm._diverse_sink = last
         projection = backbone.embeddings.patch_embeddings.projection
@@ -432,13 +471,13 @@ class DiverseModelMixin:
                 pixel_values.to(projection.weight.dtype), **self.backbone_kwargs(interpolate_pos_encoding)
             )
         finally:
-            first_attention._diverse_probs_sink = None
+            first_attention._diverse_attention_sink = None
             backbone.embeddings._diverse_sink = None
             norm._diverse_sink = None
         if len(sink) != 1 or len(first) != 1 or len(last) != 1:
             raise RuntimeError(
                 f"{type(self).__name__}: the regularizers' inputs were not all captured once (block-1 "
-                f"probabilities {len(sink)}, h^0 {len(first)}, h^L {len(last)}); this transformers version lays the "
+                f"attention {len(sink)}, h^0 {len(first)}, h^L {len(last)}); this transformers version lays the "
                 "model out differently."
             )
         return diversity_output(
@@ -583,12 +622,11 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
     `timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`, `timm/vit_small_patch14_reg4_dinov2.lvd142m`) that can return
     the regularizers' inputs. Which timm models are taken, and what is read where: `timm_vit.py`.
 
-    Prefix tokens: timm's `num_prefix_tokens` (class token + registers). Block 1's attention runs timm's unfused path
-    (`blocks[0].attn.fused_attn = False`, set once by `install_block1_attention_capture` and kept, as the other
-    families keep block 1's eager kernel, so activation-checkpoint recomputation and compiled graphs see one path);
-    its probabilities are captured at `attn.attn_drop`, before the dropout. Every other block keeps timm's setting
-    (the fused `scaled_dot_product_attention`). `h^0` and `h^L` come from hooks on `norm_pre` and `norm` within the one
-    `forward_features` pass; the per-token logits from the model's own head (`timm_vit.timm_token_head_parts`).
+    Prefix tokens: timm's `num_prefix_tokens` (class token + registers). Every block keeps timm's attention kernel
+    (the fused `scaled_dot_product_attention` by default); block 1's query and key are captured at the outputs of its
+    `q_norm` and `k_norm` (what the kernel receives), with the block's `scale`, and its probabilities follow from them
+    (`AttentionScores`). `h^0` and `h^L` come from hooks on `norm_pre` and `norm` within the one `forward_features`
+    pass; the per-token logits from the model's own head (`timm_vit.timm_token_head_parts`).
 
     The configuration gains the attributes the package reads from every family (`image_size`, `patch_size`,
     `num_channels`, `hidden_size`, ...: `timm_vit.TIMM_CONFIG_ATTRIBUTES`), read from the built timm model; they are
@@ -618,14 +656,14 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
         return set_timm_drop_path_rate(self.timm_model, drop_path_rate)
 
     def install_block1_attention_capture(self) -> None:
-        """Take block 1 (only) off the fused kernel and hook its attention dropout (input: the probabilities),
-        `norm_pre` (output: `h^0`) and `norm` (input: `h^L`). Done once; the hooks write only while a diversity
-        forward has set their sinks."""
+        """Hook block 1's `q_norm` and `k_norm` (outputs: the query and key its kernel receives), `norm_pre` (output:
+        `h^0`) and `norm` (input: `h^L`). Done once; the hooks write only while a diversity forward has set their
+        sinks."""
         model = self.timm_model
         attention = self.diversity_layers[0].attn
-        attention.fused_attn = False
         for module, hook, pre in (
-            (attention.attn_drop, _sink_input, True),
+            (attention.q_norm, _sink_output, False),
+            (attention.k_norm, _sink_output, False),
             (embeddings_output(model), _sink_output, False),
             (final_norm(model), _sink_input, True),
         ):
@@ -691,26 +729,30 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
         if model.grad_checkpointing and torch.is_grad_enabled() and uses_reentrant_checkpointing():
             raise ValueError(
                 "timm's re-entrant activation checkpointing (TIMM_REENTRANT_CKPT=1) runs the blocks without autograd "
-                "and would detach block 1's captured attention probabilities from the loss. Unset TIMM_REENTRANT_CKPT "
+                "and would detach block 1's captured attention query and key from the loss. Unset TIMM_REENTRANT_CKPT "
                 "(timm's default, non-reentrant checkpointing, keeps them in the graph) or turn gradient "
                 "checkpointing off."
             )
         self.install_block1_attention_capture()
-        sink: list[torch.Tensor] = []
+        queries: list[torch.Tensor] = []
+        keys: list[torch.Tensor] = []
         first: list[torch.Tensor] = []
         last: list[torch.Tensor] = []
-        probs_module, embeddings, norm = model.blocks[0].attn.attn_drop, embeddings_output(model), final_norm(model)
-        probs_module._diverse_sink, embeddings._diverse_sink, norm._diverse_sink = sink, first, last
+        attention, embeddings, norm = model.blocks[0].attn, embeddings_output(model), final_norm(model)
+        attention.q_norm._diverse_sink, attention.k_norm._diverse_sink = queries, keys
+        embeddings._diverse_sink, norm._diverse_sink = first, last
         try:
             features = model.forward_features(pixel_values.to(self.device, self.dtype))
         finally:
-            probs_module._diverse_sink = embeddings._diverse_sink = norm._diverse_sink = None
-        if len(sink) != 1 or len(first) != 1 or len(last) != 1:
+            attention.q_norm._diverse_sink = attention.k_norm._diverse_sink = None
+            embeddings._diverse_sink = norm._diverse_sink = None
+        if len(queries) != 1 or len(keys) != 1 or len(first) != 1 or len(last) != 1:
             raise RuntimeError(
-                f"{type(self).__name__}: the regularizers' inputs were not all captured once (block-1 "
-                f"probabilities {len(sink)}, h^0 {len(first)}, h^L {len(last)}); this timm version lays the model out "
-                "differently."
+                f"{type(self).__name__}: the regularizers' inputs were not all captured once (block-1 query "
+                f"{len(queries)}, key {len(keys)}, h^0 {len(first)}, h^L {len(last)}); this timm version lays the "
+                "model out differently."
             )
+        sink = [AttentionScores(queries[0], keys[0], float(attention.scale))]
         return diversity_output(
             self.token_head_parts(features), labels, first, last, sink, token_targets, return_token_logits
         )
@@ -813,9 +855,11 @@ def load_diverse_model(name_or_path: str, allow_pickle: bool = False, **kwargs: 
 
 
 __all__ = [
+    "BLOCK1_CAPTURE_PREFIX",
     "DIVERSE_MODEL_CLASSES",
     "SUPPORTED_MODEL_TYPES",
     "UNSUPPORTED_MODEL_TYPES",
+    "AttentionScores",
     "BranchDropout",
     "DiverseBeitForImageClassification",
     "DiverseDeiTForImageClassification",
@@ -827,8 +871,10 @@ __all__ = [
     "DiverseModelMixin",
     "DiverseViTForImageClassification",
     "DiverseViTMSNForImageClassification",
+    "TokenHead",
     "diverse_model_class_for_config",
     "eager_attention_with_probs",
+    "linear_head",
     "load_diverse_model",
-    "register_block1_eager_attention",
+    "register_block1_capture_attention",
 ]

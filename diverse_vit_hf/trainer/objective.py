@@ -26,7 +26,6 @@ from ..losses.configuration import DiversityConfig
 from ..losses.mixing import MixedBatch, PatchMixupCutmix, check_patch_grid, unmixed_batch
 from ..losses.regularizers import (
     PowerIterationState,
-    attention_cosine_loss,
     patch_contrastive_loss,
     patch_cosine_loss,
     patch_mixing_loss,
@@ -80,7 +79,8 @@ def _patch_contrastive(x: TermInputs) -> torch.Tensor:
 
 
 def _attention_cosine(x: TermInputs) -> torch.Tensor:
-    return attention_cosine_loss(x.outputs.first_block_attention_probs)
+    # From block 1's query and key, the (B, H, N, N) probabilities recomputed in the backward rather than kept.
+    return x.outputs.first_block_attention.cosine_loss()
 
 
 def _weight_condition(x: TermInputs) -> torch.Tensor:

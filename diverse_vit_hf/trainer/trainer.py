@@ -127,7 +127,7 @@ class DiverseTrainer(AtomicCheckpointsMixin, Trainer):
                 "every coefficient to 0 with --no_mixing --no_patch_mixing_loss to train a plain model."
             )
         if self.diversity.needs_diversity_outputs:
-            # Switch block 1 to its eager kernel now rather than in the first diversified forward: under
+            # Route attention through the capturing function now rather than in the first diversified forward: under
             # --torch_compile that forward is traced, and set_attn_implementation (it reads source code) would break
             # the graph there.
             unwrapped.install_block1_attention_capture()

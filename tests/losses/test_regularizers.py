@@ -18,11 +18,13 @@ from torch.utils._pytree import tree_flatten
 from diverse_vit_hf.losses.regularizers import (
     PowerIterationState,
     attention_cosine_loss,
+    attention_cosine_loss_from_scores,
     linear_two_label_cross_entropy_sum,
     patch_contrastive_loss,
     patch_cosine_loss,
     patch_mixing_loss,
     patch_token_targets,
+    softmax_attention,
     two_label_cross_entropy_sum,
     weight_condition_loss,
 )
@@ -952,3 +954,43 @@ def test_linear_two_label_cross_entropy_refuses_mismatched_shapes():
         linear_two_label_cross_entropy_sum(features, weight, bias, short)
     with pytest.raises(ValueError, match=r"`targets.labels` and `targets.partner_labels` must have shape \(4,\)"):
         linear_two_label_cross_entropy_sum(features[:4], weight, None, targets)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The attention term from block 1's query and key (probabilities recomputed in the backward)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_cosine_from_scores_equals_the_loss_on_the_probabilities(with_bias):
+    generator = torch.Generator().manual_seed(3)
+    query, key = (torch.randn(2, 3, 5, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(1, 3, 5, 5, generator=generator, dtype=torch.float64) if with_bias else None
+    leaves = [t.requires_grad_() for t in (query, key, bias) if t is not None]
+    # Reference: the probabilities written out, in float64, through the loss on maps.
+    scores = query @ key.transpose(-1, -2) * 0.5 + (bias if with_bias else 0.0)
+    reference = attention_cosine_loss(torch.softmax(scores, dim=-1))
+    expected = torch.autograd.grad(reference, leaves)
+    got = attention_cosine_loss_from_scores(query, key, 0.5, bias)
+    assert got.item() == pytest.approx(reference.item(), rel=1e-6)
+    for ours, theirs in zip(torch.autograd.grad(got, leaves), expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(softmax_attention(query, key, 0.5, bias), torch.softmax(scores, dim=-1))
+
+
+def test_attention_cosine_from_scores_keeps_no_probabilities_for_the_backward():
+    """Every tensor autograd saves is watched: the loss on the probabilities keeps a (B, H, N, N) map, the loss from
+    the query and key keeps none (they are recomputed in the backward)."""
+    query, key = (torch.randn(2, 3, 9, 4, requires_grad=True) for _ in range(2))
+    maps = 2 * 3 * 9 * 9
+
+    def largest_saved(loss_fn) -> int:
+        sizes = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            loss = loss_fn()
+        loss.backward()
+        return max(sizes)
+
+    assert largest_saved(lambda: attention_cosine_loss(softmax_attention(query, key, 0.5))) == maps
+    assert largest_saved(lambda: attention_cosine_loss_from_scores(query, key, 0.5)) < maps
+    with pytest.raises(ValueError, match="same shape"):
+        attention_cosine_loss_from_scores(query, key[:, :, :5], 0.5)

@@ -28,7 +28,7 @@ from diverse_vit_hf.analysis.metrics import attention_probabilities
 from diverse_vit_hf.analysis.probe import RedundancyProbe, weight_statistics
 from diverse_vit_hf.losses.regularizers import patch_token_targets, two_label_cross_entropy_sum
 from diverse_vit_hf.models.families import attention_module, backbone_layers, block_linear
-from diverse_vit_hf.models.modeling import BLOCK1_EAGER_PREFIX, BranchDropout, eager_attention_with_probs
+from diverse_vit_hf.models.modeling import BLOCK1_CAPTURE_PREFIX, BranchDropout, eager_attention_with_probs
 
 # timm ViTs (`timm_wrapper`) are built from timm architectures, not from transformers configs: test_timm_wrapper.py
 FAMILIES = sorted(set(SUPPORTED_MODEL_TYPES) - {"timm_wrapper"})
@@ -210,8 +210,8 @@ def test_every_term_trains_and_only_block_1_runs_eager(model_type):
     result.loss.backward()
     q_weight = block_linear(backbone_layers(model.backbone)[-1], "q_proj").weight
     assert q_weight.grad is not None and q_weight.grad.abs().sum() > 0
-    assert model.config._attn_implementation.startswith(BLOCK1_EAGER_PREFIX)
-    flags = [getattr(attention_module(layer), "_diverse_capture_probs", False) for layer in model.diversity_layers]
+    assert model.config._attn_implementation.startswith(BLOCK1_CAPTURE_PREFIX)
+    flags = [getattr(attention_module(layer), "_diverse_capture_attention", False) for layer in model.diversity_layers]
     assert flags == [True] + [False] * (len(flags) - 1)
     weights = model.attention_projection_weights()
     assert weights.shape == (3 * model.config.num_hidden_layers, 32, 32)

@@ -189,24 +189,25 @@ def test_the_token_loss_equals_the_loss_on_the_per_token_logits(replicas, hub_id
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_only_block_one_leaves_the_fused_kernel(replicas, monkeypatch):
+def test_every_block_keeps_the_fused_kernel(replicas, monkeypatch):
+    """No block leaves timm's fused kernel (which builds no probabilities): block 1's query and key, captured at its
+    q_norm and k_norm, are what the kernel received there."""
     ours = load(replicas[DEIT])
     depth = len(ours.timm_model.blocks)
-    flags: list[bool] = []
-    for block in ours.timm_model.blocks:
-        block.attn.register_forward_pre_hook(lambda module, args: flags.append(module.fused_attn))
     fused = torch.nn.functional.scaled_dot_product_attention
     calls = []
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return fused(*args, **kwargs)
+    def counting(query, key, *args, **kwargs):
+        calls.append((query, key))
+        return fused(query, key, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     with torch.no_grad():
-        ours(pixel_values=pixels(DEIT), return_diversity_outputs=True)
-    assert flags == [False] + [True] * (depth - 1)
-    assert len(calls) == depth - 1
+        out = ours(pixel_values=pixels(DEIT), return_diversity_outputs=True)
+    assert all(block.attn.fused_attn for block in ours.timm_model.blocks)
+    assert len(calls) == depth
+    assert out.first_block_attention.query is calls[0][0] and out.first_block_attention.key is calls[0][1]
+    assert out.first_block_attention.scaling == ours.timm_model.blocks[0].attn.scale
 
 
 def objective_inputs(model, hub_id, batch: int = 2):
