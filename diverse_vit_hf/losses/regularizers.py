@@ -163,7 +163,7 @@ def softmax_attention(
     query: torch.Tensor, key: torch.Tensor, scaling: float, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Attention probabilities `softmax(q k^T * scaling + bias)` as an eager attention kernel computes them (the
-    softmax in float32, the result in the query's dtype).
+    softmax in float32, or float64 for float64 inputs; the result in the query's dtype).
 
     Args:
         query, key: `(B, H, N, d)`.
@@ -173,23 +173,34 @@ def softmax_attention(
     Returns:
         `(B, H, N, N)`.
     """
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # scaling the (B, H, N, d) query, not the map
     if bias is not None:
         scores = scores + bias
-    return F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+
+
+# Attention-map entries one chunk of `attention_cosine_loss_from_scores` builds at once: 2**20 (4 MiB in float32),
+# e.g. 9 images of DeiT-Tiny's 3 heads x 197 x 197.
+ATTENTION_CHUNK_ELEMENTS = 2**20
 
 
 def attention_cosine_loss_from_scores(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, bias: torch.Tensor | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    chunk_elements: int = ATTENTION_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """`attention_cosine_loss(softmax_attention(query, key, scaling, bias))` without keeping the `(B, H, N, N)`
-    probabilities for the backward: they are recomputed there from the query and key (activation checkpointing), which
-    the attention kernel keeps anyway. The loss on a block whose attention runs a fused kernel (SDPA) that never
-    builds its probabilities costs one `(B, H, N, N)` map at a time instead of one kept through the whole step.
+    probabilities: the loss is a mean over images, so it runs in chunks of images, each under activation
+    checkpointing (its maps recomputed in the backward from the query and key, which the attention kernel keeps
+    anyway). With a fused kernel (SDPA) that never builds the probabilities, the term then holds one chunk's maps at a
+    time, in the forward and in the backward, instead of the whole batch's through the step.
 
     Args:
         query, key: `(B, H, N, d)` the block's attention query and key (after any query/key norm).
-        scaling, bias: as in `softmax_attention`.
+        scaling, bias: as in `softmax_attention` (a bias with a batch dimension of B is chunked with the images).
+        chunk_elements: map entries per chunk (rounded to whole images; at least one image).
 
     Returns:
         Float32 scalar.
@@ -199,13 +210,24 @@ def attention_cosine_loss_from_scores(
             f"`query` and `key` must have the same shape (batch, heads, tokens, head_dim), got {tuple(query.shape)} "
             f"and {tuple(key.shape)}."
         )
+    batch, heads, tokens, _ = query.shape
 
-    def loss(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return attention_cosine_loss(softmax_attention(query, key, scaling, bias))
+    def chunk_loss(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # A sum over the chunk's images (the mean over the whole batch is taken once, below).
+        return attention_cosine_loss(softmax_attention(query, key, scaling, bias)) * query.shape[0]
 
-    if not torch.is_grad_enabled():
-        return loss(query, key, bias)
-    return torch.utils.checkpoint.checkpoint(loss, query, key, bias, use_reentrant=False)
+    images_per_chunk = max(1, chunk_elements // max(1, heads * tokens * tokens))
+    per_image_bias = bias is not None and bias.ndim == 4 and bias.shape[0] == batch and batch > 1
+    queries, keys = query.split(images_per_chunk), key.split(images_per_chunk)
+    biases = bias.split(images_per_chunk) if per_image_bias else [bias] * len(queries)
+    total = None
+    for chunk in zip(queries, keys, biases, strict=True):
+        if torch.is_grad_enabled():
+            value = torch.utils.checkpoint.checkpoint(chunk_loss, *chunk, use_reentrant=False)
+        else:
+            value = chunk_loss(*chunk)
+        total = value if total is None else total + value
+    return total / batch
 
 
 @dataclass
@@ -631,9 +653,9 @@ def patch_mixing_loss_two_label(
     )
 
 
-# Rows of logits a chunk of `linear_two_label_cross_entropy_sum` holds at once, per class: 2**21 float32 values
-# (8 MiB) per chunk, e.g. about 10 DeiT images of 197 tokens at 1,000 classes.
-LINEAR_CE_CHUNK_ELEMENTS = 2**21
+# Logits one chunk of `linear_two_label_cross_entropy_sum` builds at once: 2**20 float32 values (4 MiB), e.g. 5 DeiT
+# images of 197 tokens at 1,000 classes.
+LINEAR_CE_CHUNK_ELEMENTS = 2**20
 
 
 class _LinearTwoLabelCrossEntropySum(torch.autograd.Function):
@@ -774,6 +796,7 @@ def linear_two_label_cross_entropy_sum(
 
 
 __all__ = [
+    "ATTENTION_CHUNK_ELEMENTS",
     "LINEAR_CE_CHUNK_ELEMENTS",
     "PowerIterationState",
     "TwoLabelTargets",

@@ -804,7 +804,7 @@ SUPPORTED_MODEL_TYPES = tuple(DIVERSE_MODEL_CLASSES)
 # Families whose transformers classes cannot give the block-1 contract, and why (the error says so).
 UNSUPPORTED_MODEL_TYPES = {
     "data2vec-vision": "transformers' Data2VecVision still picks its attention class at construction and does not "
-    "call the `ALL_ATTENTION_FUNCTIONS` interface, so block 1 alone cannot run an eager kernel",
+    "call the `ALL_ATTENTION_FUNCTIONS` interface, so block 1's query and key cannot be captured",
     "swin": "Swin attends within shifted local windows over hierarchical (merged) tokens: there is no global patch "
     "sequence or N x N attention map for the patch and attention terms to be defined on",
 }

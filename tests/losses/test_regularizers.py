@@ -960,37 +960,60 @@ def test_linear_two_label_cross_entropy_refuses_mismatched_shapes():
 # The attention term from block 1's query and key (probabilities recomputed in the backward)
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_attention_cosine_from_scores_equals_the_loss_on_the_probabilities(with_bias):
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 5, 5), (3, 3, 5, 5)])
+@pytest.mark.parametrize("chunk_elements", [1, 2 * 3 * 5 * 5, 2**20])
+def test_attention_cosine_from_scores_equals_the_loss_on_the_probabilities(bias_shape, chunk_elements):
+    """Value and gradients against the loss on the written-out probabilities in float64, with one image, two images
+    (an uneven split of 3) and the whole batch per chunk, with no bias, a shared bias and a bias per image."""
     generator = torch.Generator().manual_seed(3)
-    query, key = (torch.randn(2, 3, 5, 4, generator=generator, dtype=torch.float64) for _ in range(2))
-    bias = torch.randn(1, 3, 5, 5, generator=generator, dtype=torch.float64) if with_bias else None
+    query, key = (torch.randn(3, 3, 5, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    bias = None if bias_shape is None else torch.randn(*bias_shape, generator=generator, dtype=torch.float64)
     leaves = [t.requires_grad_() for t in (query, key, bias) if t is not None]
-    # Reference: the probabilities written out, in float64, through the loss on maps.
-    scores = query @ key.transpose(-1, -2) * 0.5 + (bias if with_bias else 0.0)
+    scores = query @ key.transpose(-1, -2) * 0.5 + (0.0 if bias is None else bias)
     reference = attention_cosine_loss(torch.softmax(scores, dim=-1))
     expected = torch.autograd.grad(reference, leaves)
-    got = attention_cosine_loss_from_scores(query, key, 0.5, bias)
+    got = attention_cosine_loss_from_scores(query, key, 0.5, bias, chunk_elements=chunk_elements)
     assert got.item() == pytest.approx(reference.item(), rel=1e-6)
     for ours, theirs in zip(torch.autograd.grad(got, leaves), expected, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(softmax_attention(query, key, 0.5, bias), torch.softmax(scores, dim=-1))
+    with torch.no_grad():
+        assert attention_cosine_loss_from_scores(query, key, 0.5, bias, chunk_elements).item() == pytest.approx(
+            reference.item(), rel=1e-6
+        )
 
 
-def test_attention_cosine_from_scores_keeps_no_probabilities_for_the_backward():
-    """Every tensor autograd saves is watched: the loss on the probabilities keeps a (B, H, N, N) map, the loss from
-    the query and key keeps none (they are recomputed in the backward)."""
-    query, key = (torch.randn(2, 3, 9, 4, requires_grad=True) for _ in range(2))
-    maps = 2 * 3 * 9 * 9
+def test_attention_cosine_from_scores_keeps_no_probabilities_and_builds_one_chunk_at_a_time():
+    """Every tensor autograd saves, and every tensor created in the forward and the backward, is watched: the loss
+    on the probabilities keeps a (B, H, N, N) map; the loss from the query and key keeps none and never builds more
+    than one chunk's maps (here two of the four images)."""
+    query, key = (torch.randn(4, 3, 9, 4, requires_grad=True) for _ in range(2))
+    maps, chunk = 4 * 3 * 9 * 9, 2 * 3 * 9 * 9
 
-    def largest_saved(loss_fn) -> int:
-        sizes = [0]
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, tensor.numel())
+            return out
+
+    def largest(loss_fn) -> tuple[int, int]:
+        saved = [0]
+        LargestTensor.largest = 0
+        with (
+            LargestTensor(),
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t),
+        ):
             loss = loss_fn()
-        loss.backward()
-        return max(sizes)
+        with LargestTensor():
+            loss.backward()
+        return max(saved), LargestTensor.largest
 
-    assert largest_saved(lambda: attention_cosine_loss(softmax_attention(query, key, 0.5))) == maps
-    assert largest_saved(lambda: attention_cosine_loss_from_scores(query, key, 0.5)) < maps
+    assert largest(lambda: attention_cosine_loss(softmax_attention(query, key, 0.5))) == (maps, maps)
+    saved, built = largest(lambda: attention_cosine_loss_from_scores(query, key, 0.5, chunk_elements=chunk))
+    assert saved < chunk and built == chunk
     with pytest.raises(ValueError, match="same shape"):
         attention_cosine_loss_from_scores(query, key[:, :, :5], 0.5)
