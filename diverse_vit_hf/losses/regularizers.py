@@ -458,6 +458,43 @@ def patch_mixing_loss(
     return soft_target_cross_entropy(logits.reshape(-1, classes), flat_targets)
 
 
+def _two_label_rows(
+    logits: torch.Tensor,
+    own_index: torch.Tensor,
+    partner_index: torch.Tensor,
+    weights: torch.Tensor,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(per-row cross-entropy, logsumexp)` of float32 `(..., C)` logits against the two-label targets
+    (`two_label_cross_entropy_sum`); `own_index`/`partner_index` are `(..., 1)` class indices."""
+    lse = torch.logsumexp(logits, dim=-1)
+    own = logits.gather(-1, own_index).squeeze(-1)
+    partner = logits.gather(-1, partner_index).squeeze(-1)
+    per_row = lse - (1.0 - label_smoothing) * (weights * own + (1.0 - weights) * partner)
+    if label_smoothing > 0:
+        per_row = per_row - (label_smoothing / logits.shape[-1]) * logits.sum(dim=-1)
+    return per_row, lse
+
+
+def _two_label_gradient_(
+    softmax: torch.Tensor,
+    own_index: torch.Tensor,
+    partner_index: torch.Tensor,
+    weights: torch.Tensor,
+    row_factor: torch.Tensor,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Turn `(..., C)` softmax probabilities, in place, into the gradient `row_factor * (softmax - target)` of the
+    two-label cross-entropy; `weights` and `row_factor` broadcast to `softmax.shape[:-1]`."""
+    if label_smoothing > 0:
+        softmax.sub_(label_smoothing / softmax.shape[-1])
+    rows = softmax.shape[:-1]
+    weights = weights.expand(rows)
+    softmax.scatter_add_(-1, own_index, (-(1.0 - label_smoothing) * weights).unsqueeze(-1))
+    softmax.scatter_add_(-1, partner_index, (-(1.0 - label_smoothing) * (1.0 - weights)).unsqueeze(-1))
+    return softmax.mul_(row_factor.expand(rows).unsqueeze(-1))
+
+
 class _TwoLabelCrossEntropySum(torch.autograd.Function):
     """Forward: the summed two-label cross-entropy of `two_label_cross_entropy_sum`. Backward: its gradient
     `row_scale * (softmax(z) - target)` written into one new `(..., C)` tensor, with no target tensor and none of
@@ -465,13 +502,7 @@ class _TwoLabelCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, own_index, partner_index, weights, row_scale, label_smoothing):
-        classes = logits.shape[-1]
-        lse = torch.logsumexp(logits, dim=-1)
-        own = logits.gather(-1, own_index).squeeze(-1)
-        partner = logits.gather(-1, partner_index).squeeze(-1)
-        per_row = lse - (1.0 - label_smoothing) * (weights * own + (1.0 - weights) * partner)
-        if label_smoothing > 0:
-            per_row = per_row - (label_smoothing / classes) * logits.sum(dim=-1)
+        per_row, lse = _two_label_rows(logits, own_index, partner_index, weights, label_smoothing)
         ctx.save_for_backward(logits, lse, own_index, partner_index, weights, row_scale)
         ctx.label_smoothing = label_smoothing
         return (per_row * row_scale).sum()
@@ -479,14 +510,10 @@ class _TwoLabelCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         logits, lse, own_index, partner_index, weights, row_scale = ctx.saved_tensors
-        smoothing, classes = ctx.label_smoothing, logits.shape[-1]
-        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # softmax, the only (..., C) allocation
-        if smoothing > 0:
-            grad.sub_(smoothing / classes)
-        weights = weights.expand(lse.shape)
-        grad.scatter_add_(-1, own_index, (-(1.0 - smoothing) * weights).unsqueeze(-1))
-        grad.scatter_add_(-1, partner_index, (-(1.0 - smoothing) * (1.0 - weights)).unsqueeze(-1))
-        grad.mul_((row_scale.expand(lse.shape) * grad_output).unsqueeze(-1))
+        softmax = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # the only (..., C) allocation
+        grad = _two_label_gradient_(
+            softmax, own_index, partner_index, weights, row_scale * grad_output, ctx.label_smoothing
+        )
         return grad, None, None, None, None, None
 
 
@@ -667,7 +694,6 @@ class _LinearTwoLabelCrossEntropySum(torch.autograd.Function):
     def forward(ctx, features, weight, bias, labels, partner_labels, weights, row_scale, options):
         label_smoothing, matmul_dtype, samples_per_chunk, compute_grad = options
         batch, tokens, _ = features.shape
-        classes = weight.shape[0]
         matmul_weight = weight.to(matmul_dtype)
         weights = weights.expand(tokens)
         row_scale = row_scale.expand(tokens)
@@ -685,23 +711,12 @@ class _LinearTwoLabelCrossEntropySum(torch.autograd.Function):
                 logits += bias[start:stop].unsqueeze(1).float() if bias.ndim == 2 else bias.float()
             own_index = labels[start:stop].view(-1, 1, 1).expand(stop - start, tokens, 1)
             partner_index = partner_labels[start:stop].view(-1, 1, 1).expand(stop - start, tokens, 1)
-            lse = torch.logsumexp(logits, dim=-1)
-            own = logits.gather(-1, own_index).squeeze(-1)
-            partner = logits.gather(-1, partner_index).squeeze(-1)
-            per_row = lse - (1.0 - label_smoothing) * (weights * own + (1.0 - weights) * partner)
-            if label_smoothing > 0:
-                per_row = per_row - (label_smoothing / classes) * logits.sum(dim=-1)
+            per_row, lse = _two_label_rows(logits, own_index, partner_index, weights, label_smoothing)
             total = total + (per_row * row_scale).sum()
             if not any(compute_grad):
                 continue
-            grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in the logits' storage
-            if label_smoothing > 0:
-                grad.sub_(label_smoothing / classes)
-            grad.scatter_add_(-1, own_index, (-(1.0 - label_smoothing) * weights).expand(own.shape).unsqueeze(-1))
-            grad.scatter_add_(
-                -1, partner_index, (-(1.0 - label_smoothing) * (1.0 - weights)).expand(own.shape).unsqueeze(-1)
-            )
-            grad.mul_(row_scale.view(1, -1, 1))
+            softmax = logits.sub_(lse.unsqueeze(-1)).exp_()  # in the logits' storage
+            grad = _two_label_gradient_(softmax, own_index, partner_index, weights, row_scale, label_smoothing)
             if grad_bias is not None:
                 if bias.ndim == 2:
                     grad_bias[start:stop] = grad.sum(dim=1)

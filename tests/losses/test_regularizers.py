@@ -833,6 +833,21 @@ def test_two_label_patch_loss_under_bf16_autocast_is_computed_in_float32():
 # The patch-wise loss from a linear head's features, in chunks (no (B, N, C) logits)
 
 
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any operation creates while active (`largest`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
 def _linear_ce_case(bias_kind: str, dtype: torch.dtype = torch.float64):
     """`(features (5, 7, 6), weight (11, 6), bias, targets)`: 2 prefix tokens, smoothing 0.1, random patch weights."""
 
@@ -893,16 +908,6 @@ def test_linear_two_label_cross_entropy_never_builds_the_whole_logits():
     """Every tensor the forward and the backward create is watched: none has the B * N * C elements of the whole
     per-token logits (the unfused head + loss creates several), and at most one chunk's worth."""
 
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for tensor in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(tensor, torch.Tensor):
-                    LargestTensor.largest = max(LargestTensor.largest, tensor.numel())
-            return out
-
     batch, tokens, hidden, classes = 8, 10, 4, 50
     features = torch.randn(batch, tokens, hidden, requires_grad=True)
     head = torch.nn.Linear(hidden, classes)
@@ -911,10 +916,9 @@ def test_linear_two_label_cross_entropy_never_builds_the_whole_logits():
     chunk = 2 * tokens * classes  # two samples per chunk
 
     def largest(loss_fn) -> int:
-        LargestTensor.largest = 0
-        with LargestTensor():
+        with LargestTensor() as watcher:
             loss_fn().backward()
-        return LargestTensor.largest
+        return watcher.largest
 
     fused = largest(lambda: linear_two_label_cross_entropy_sum(features, head.weight, head.bias, targets, chunk))
     unfused = largest(
@@ -990,27 +994,16 @@ def test_attention_cosine_from_scores_keeps_no_probabilities_and_builds_one_chun
     query, key = (torch.randn(4, 3, 9, 4, requires_grad=True) for _ in range(2))
     maps, chunk = 4 * 3 * 9 * 9, 2 * 3 * 9 * 9
 
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for tensor in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(tensor, torch.Tensor):
-                    LargestTensor.largest = max(LargestTensor.largest, tensor.numel())
-            return out
-
     def largest(loss_fn) -> tuple[int, int]:
         saved = [0]
-        LargestTensor.largest = 0
         with (
-            LargestTensor(),
+            LargestTensor() as watcher,
             torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t),
         ):
             loss = loss_fn()
-        with LargestTensor():
+        with LargestTensor() as backward_watcher:
             loss.backward()
-        return max(saved), LargestTensor.largest
+        return max(saved), max(watcher.largest, backward_watcher.largest)
 
     assert largest(lambda: attention_cosine_loss(softmax_attention(query, key, 0.5))) == (maps, maps)
     saved, built = largest(lambda: attention_cosine_loss_from_scores(query, key, 0.5, chunk_elements=chunk))
