@@ -168,20 +168,20 @@ def linear_head(classifier: nn.Module) -> nn.Linear:
 def diversity_output(
     head: TokenHead,
     labels: torch.Tensor | None,
-    first: list[torch.Tensor],
-    last: list[torch.Tensor],
-    attention: list[AttentionScores],
+    first: torch.Tensor,
+    last: torch.Tensor,
+    attention: AttentionScores,
     token_targets: TwoLabelTargets | None,
     return_token_logits: bool,
 ) -> DiverseImageClassifierOutput:
-    """The diversified forward's output from its head and the captured tensors (one each in `first`, `last`,
-    `attention`): the per-token logits built only when asked for, the per-token loss only when given targets."""
+    """The diversified forward's output from its head and the captured `h^0`, `h^L` and block-1 attention: the
+    per-token logits built only when asked for, the per-token loss only when given targets."""
     return DiverseImageClassifierOutput(
         loss=soft_target_cross_entropy(head.logits, labels) if labels is not None else None,
         logits=head.logits,
-        first_hidden_state=first[0],
-        last_block_hidden_state=last[0],
-        first_block_attention=attention[0],
+        first_hidden_state=first,
+        last_block_hidden_state=last,
+        first_block_attention=attention,
         token_logits=head.token_logits() if return_token_logits else None,
         token_loss=head.token_loss(token_targets) if token_targets is not None else None,
     )
@@ -207,10 +207,7 @@ def eager_attention_with_probs(
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = softmax_attention(query, key, scaling, attention_mask)
     weights = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), probs
 
@@ -483,9 +480,9 @@ class DiverseModelMixin:
         return diversity_output(
             self.token_head_parts(outputs.last_hidden_state),
             labels,
-            first,
-            last,
-            sink,
+            first[0],
+            last[0],
+            sink[0],
             token_targets,
             return_token_logits,
         )
@@ -752,9 +749,9 @@ class DiverseTimmWrapperForImageClassification(DiverseModelMixin, TimmWrapperFor
                 f"{len(queries)}, key {len(keys)}, h^0 {len(first)}, h^L {len(last)}); this timm version lays the "
                 "model out differently."
             )
-        sink = [AttentionScores(queries[0], keys[0], float(attention.scale))]
+        scores = AttentionScores(queries[0], keys[0], float(attention.scale))
         return diversity_output(
-            self.token_head_parts(features), labels, first, last, sink, token_targets, return_token_logits
+            self.token_head_parts(features), labels, first[0], last[0], scores, token_targets, return_token_logits
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
