@@ -28,10 +28,14 @@ only read activations, which are full tensors on every rank).
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "end_process_group",
@@ -91,12 +95,20 @@ def broadcast_start_vectors(shape: tuple[int, int], device: torch.device) -> tup
     return vectors[0], vectors[1]
 
 
-def end_process_group() -> None:
-    """Tear down the default process group, if any, before the process exits. Left to the interpreter's exit, gloo's
-    worker threads sometimes abort it ("terminate called without an active exception", exit code -6) after a
-    training that succeeded."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def end_process_group(timeout: timedelta = timedelta(seconds=60)) -> None:
+    """Tear down the default process group, if any, before the process exits, once every rank has come here (or
+    `timeout` has passed, or the wait failed because a rank has already gone).
+
+    A rank tearing gloo down while its peer still works has aborted the peer at exit ("terminate called without an
+    active exception", exit code -6) after a training that succeeded, so the launcher reported a failure. The wait is
+    bounded so that a rank whose peer failed and will never arrive still exits, with its own exit code."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    try:
+        torch.distributed.barrier(async_op=True).wait(timeout)
+    except RuntimeError as error:  # DistBackendError (a peer gone) and gloo's timeout are both RuntimeErrors
+        logger.warning("Leaving the process group without the other ranks: %s", error)
+    torch.distributed.destroy_process_group()
 
 
 def _fsdp_module_types() -> tuple[type, ...]:

@@ -344,6 +344,7 @@ import json, os, sys
 import torch, torch.distributed as dist
 from diverse_vit_hf import load_diverse_model
 from diverse_vit_hf.losses.regularizers import weight_condition_loss
+from diverse_vit_hf.utils.distributed import end_process_group
 folder, out = sys.argv[1], sys.argv[2]
 sharded = "WORLD_SIZE" in os.environ
 if sharded:
@@ -362,8 +363,7 @@ for index, block in enumerate(model.timm_model.blocks):
     grads[index] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).flatten().tolist()
 if not sharded or dist.get_rank() == 0:
     open(out, "w").write(json.dumps({"loss": loss.item(), "grads": grads}))
-if sharded:
-    dist.destroy_process_group()
+end_process_group()
 """
 
 

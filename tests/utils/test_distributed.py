@@ -4,12 +4,16 @@ projection weights the weight term reads back as the full matrices."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.utils import DistributedType
 from fixtures.builders import tiny_config
+from fixtures.scripts import REPO, SCRIPT_ENV, WORKERS
 
 from diverse_vit_hf import DiverseViTForImageClassification
 from diverse_vit_hf.utils.distributed import (
@@ -92,3 +96,27 @@ def test_real_fsdp2_sharded_model_gives_the_weight_term_full_matrices(tmp_path):
         check_weight_regularizer_supported(model, 5e-4)
     finally:
         dist.destroy_process_group()
+
+
+TEARDOWN = WORKERS / "process_group_teardown.py"
+LATE = 2.0  # seconds rank 1 arrives after rank 0 in `late_peer`
+TIMEOUT = 5.0
+
+
+@pytest.mark.parametrize("mode", ["late_peer", "gone_peer"])
+def test_end_process_group_waits_for_the_other_rank_but_not_for_ever(mode, tmp_path):
+    """Two real gloo processes. Leaving while the peer still works has aborted the peer at exit (exit -6 after a
+    successful run), so a rank waits for its peer; a peer that is gone (crashed) must not keep it past the timeout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               str(TEARDOWN), mode, str(LATE), str(TIMEOUT), str(tmp_path)]  # fmt: skip
+    env = {**SCRIPT_ENV, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    first = json.loads((tmp_path / "rank-0.json").read_text())
+    assert not first["initialized"]
+    if mode == "late_peer":
+        second = json.loads((tmp_path / "rank-1.json").read_text())
+        assert first["waited"] >= 0.9 * LATE > second["waited"], (first, second)
+    else:
+        assert not (tmp_path / "rank-1.json").exists()
+        assert first["waited"] < TIMEOUT + 10, first

@@ -25,7 +25,7 @@ from fixtures.builders import tiny_config
 
 from diverse_vit_hf import DiverseViTForImageClassification, DiversityConfig, DiversityObjective
 from diverse_vit_hf.trainer.optim import adamw_parameter_groups
-from diverse_vit_hf.utils.distributed import check_weight_regularizer_supported
+from diverse_vit_hf.utils.distributed import check_weight_regularizer_supported, end_process_group
 
 STEPS, BATCH = 3, 8
 
@@ -83,11 +83,7 @@ def main() -> None:
         parameters[name] = full.detach().flatten().tolist()
     if rank == 0:
         out.write_text(json.dumps({"world": world, "steps": steps, "parameters": parameters, "gathered": gathered}))
-    if sharded:
-        # Both ranks leave together: a rank tearing gloo down while the other still works has aborted at exit
-        # ("terminate called without an active exception", exit -6) after a run whose results were complete.
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":
