@@ -53,6 +53,7 @@ import datetime
 import json
 import logging
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ from diverse_vit_hf.scripts.study_statistics import (
     study_statistics,
     t_quantile_method,
 )
+from diverse_vit_hf.trainer.output_folder import LOCK_NAME, OutputFolderLock, OutputFolderLockedError
 from diverse_vit_hf.utils.fileio import atomic_write, atomic_write_text
 from diverse_vit_hf.utils.optional import require
 
@@ -134,6 +136,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--torch_threads", type=int, help="torch.set_num_threads (e.g. the number of cores).")
     parser.add_argument("--report_only", action="store_true", help="Recompute statistics and report from study.json.")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="STUDY_DIR",
+        help="First take in the runs of these study folders (e.g. seeds trained by parallel processes, each into its "
+        "own folder): each run this study lacks is copied here with its run folder; a run it holds with other flags "
+        "is an error.",
+    )
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has duplicates: {args.seeds}")
@@ -271,6 +282,54 @@ def save_study(study: dict[str, Any], path: Path) -> None:
     portable = copy.copy(study)
     portable["runs"] = [map_run_paths(run, lambda p: portable_path(p, path.parent)) for run in study["runs"]]
     atomic_write_text(path, json.dumps(portable, indent=2, allow_nan=False) + "\n")
+
+
+def merge_studies(study: dict[str, Any], output_dir: Path, sources: list[str]) -> int:
+    """Copy into `study` (at `output_dir`) the runs of the study folders `sources` that it lacks, each run folder to
+    `<setting>/<arm>/seed-<n>` here; returns how many were copied. A source is locked while it is read, so a study
+    still training there is refused. A run held by both with the same flags is skipped; with other flags, or a run
+    folder here that no run of this study owns, nothing of that source is copied (ValueError)."""
+    merged = 0
+    for source in map(Path, sources):
+        source_json = source / STUDY_JSON
+        if not source_json.is_file():
+            raise ValueError(f"--merge {source}: no {STUDY_JSON} there. Give the --output_dir of a study.")
+        if source.resolve() == output_dir.resolve():
+            raise ValueError(f"--merge {source} is this study's own folder; give the folders of other studies.")
+        with OutputFolderLock(source):
+            incoming = []
+            for run in load_study(source_json)["runs"]:
+                name = run_folder(run)
+                here = [r for r in study["runs"] if run_folder(r) == name]
+                if any(run_key(r["argv"]) == run_key(run["argv"]) for r in here):
+                    continue
+                if here:
+                    raise ValueError(
+                        f"--merge {source}: its run {name} was trained with other flags than this study's; nothing "
+                        "of it was merged. Merge studies made with the same command (other --seeds only)."
+                    )
+                if (output_dir / name).exists():
+                    raise ValueError(
+                        f"--merge {source}: {output_dir / name} exists but this study records no run there (an "
+                        "interrupted run?); nothing of it was merged. Move that folder away and merge again."
+                    )
+                if not Path(run["output_dir"]).is_dir():
+                    raise ValueError(
+                        f"--merge {source}: the folder of its run {name}, {run['output_dir']}, is missing."
+                    )
+                incoming.append(run)
+            for run in incoming:
+                target = output_dir / run_folder(run)
+                partial = target.with_name(target.name + ".merging")
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(run["output_dir"], partial, ignore=shutil.ignore_patterns(LOCK_NAME))
+                partial.rename(target)  # a whole run folder or none, if the copy is interrupted
+                old = run["output_dir"]
+                study["runs"].append(map_run_paths(run, lambda p, old=old, new=str(target): new if p == old else p))
+                save_study(study, output_dir / STUDY_JSON)
+                merged += 1
+        logger.info("--merge %s: %d run(s) copied.", source, len(incoming))
+    return merged
 
 
 def convergence_criterion() -> str:
@@ -665,14 +724,22 @@ def check_curve_epochs(run: dict[str, Any], eval_every_epochs: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train the runs study.json lacks, then write study.json and study.md; returns {"trained", "skipped", "study"}."""
+    """Merge the runs of --merge, train the runs study.json lacks, then write study.json and study.md; returns
+    {"trained", "skipped", "merged", "study"}."""
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     output_dir = Path(args.output_dir)
+    with OutputFolderLock(output_dir):  # two studies writing one study.json would each drop the other's runs
+        return run_study(args, output_dir)
+
+
+def run_study(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+    """`main` once the study folder is locked."""
     study_path = output_dir / STUDY_JSON
     study = load_study(study_path)
+    merged = merge_studies(study, output_dir, args.merge)
     if args.report_only and not study["runs"]:
         raise ValueError(f"--report_only: {study_path} holds no run yet.")
     plan = [] if args.report_only else [(s, a, seed) for seed in args.seeds for s in args.settings for a in args.arms]
@@ -708,13 +775,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{fmt_epoch(convergence['start_epoch'])} to {fmt_epoch(convergence['end_epoch'])}: the convergence "
                 f"criterion {'holds' if convergence['holds'] else 'does not hold'}."
             )
-    print(f"\nTrained {trained} run(s), {skipped} already in {study_path}. Report: {report}")
-    return {"trained": trained, "skipped": skipped, "study": study}
+    merged_note = f", {merged} merged from --merge" if args.merge else ""
+    print(f"\nTrained {trained} run(s), {skipped} already in {study_path}{merged_note}. Report: {report}")
+    return {"trained": trained, "skipped": skipped, "merged": merged, "study": study}
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, OutputFolderLockedError) as error:
         logging.getLogger("study").error("%s", error)
         sys.exit(2)

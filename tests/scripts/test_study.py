@@ -1,17 +1,21 @@
 """examples/study.py, the study tool: the arms' flags give the intended objectives, its report on made-up runs
 (curve table, convergence statement), evaluation every k epochs, a study.json of the first schema (absolute folders)
-loading and resuming, and end to end on a tiny budget: schema, curves, statistics recomputed from the runs,
---report_only, resuming, a study folder moved elsewhere."""
+loading and resuming, end to end on a tiny budget: schema, curves, statistics recomputed from the runs,
+--report_only, resuming, a study folder moved elsewhere; --merge of studies run in parallel and what it refuses, and
+the study folder's lock against a real second process."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from fixtures.scripts import EXAMPLES, REPO, load_script
+from fixtures.scripts import EXAMPLES, REPO, SCRIPT_ENV, load_script
 from fixtures.study_runs import BASELINE_CURVES, DIVERSE_CURVES, curve, made_up_run
 from transformers import HfArgumentParser
 
@@ -21,6 +25,7 @@ from diverse_vit_hf.scripts.arguments import DataArguments, ModelArguments, Reci
 from diverse_vit_hf.scripts.study_statistics import (
     curve_from_log_history,
 )
+from diverse_vit_hf.trainer.output_folder import OutputFolderLockedError
 
 STUDY_SCRIPT = EXAMPLES / "study.py"
 COMMITTED_STUDY = REPO / "docs" / "study" / "study.json"  # the 12-epoch study, written by the first schema
@@ -270,3 +275,123 @@ def test_evaluation_every_k_epochs_uses_the_epoch_length(tmp_path, caplog):
     assert run["argv"][index : index + 4] == ["--eval_strategy", "steps", "--eval_steps", "8"]
     assert [point["epoch"] for point in run["curve"]] == [2.0, 3.0]
     assert run["curve"][-1]["top1"] == run["metrics"]["top1"] and run["eval_every_epochs"] == 2
+
+
+def made_up_study(folder: Path, study, seeds, curves=(("baseline", BASELINE_CURVES), ("diverse", DIVERSE_CURVES))):
+    """A study folder as `study.py --seeds <seeds> --num_train_epochs 16 --eval_every_epochs 4` leaves it: a run
+    folder per run (holding a marker file naming it) and study.json."""
+    args = study.parse_args(["--num_train_epochs", "16", "--eval_every_epochs", "4"])
+    runs = []
+    for arm, by_seed in curves:
+        for seed in seeds:
+            run_dir = folder / "deep" / arm / f"seed-{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "eval_results.json").write_text(json.dumps({"arm": arm, "seed": seed}))
+            argv = study.run_argv(args, "deep", arm, seed, 63)  # 63 steps an epoch: 4,000 digits in batches of 64
+            runs.append(made_up_run("deep", arm, seed, by_seed[seed], argv, str(run_dir)))
+    study.save_study({"schema_version": study.SCHEMA_VERSION, "runs": runs}, folder / "study.json")
+
+
+def test_merge_takes_in_the_runs_of_studies_run_in_parallel(tmp_path, capsys, monkeypatch):
+    """Seeds trained by parallel processes into their own folders: --merge copies each run and its folder into the
+    study, whose report then covers them all, and which then resumes as if it had trained them."""
+    study = load_script(STUDY_SCRIPT, "study_script")
+    main, parallel = tmp_path / "main", tmp_path / "parallel"
+    made_up_study(main, study, seeds=[0, 1])
+    made_up_study(parallel, study, seeds=[2])
+    before = json.loads((parallel / "study.json").read_text())
+
+    result = study.main(["--output_dir", str(main), "--merge", str(parallel), "--report_only"])
+    written = json.loads((main / "study.json").read_text())
+    assert sorted((r["arm"], r["seed"]) for r in written["runs"]) == [
+        (a, s) for a in ("baseline", "diverse") for s in range(3)
+    ]
+    for run in written["runs"]:
+        folder = f"deep/{run['arm']}/seed-{run['seed']}"
+        assert run["output_dir"] == folder and run["argv"][-2:] == ["--output_dir", folder]
+        assert json.loads((main / folder / "eval_results.json").read_text()) == {"arm": run["arm"], "seed": run["seed"]}
+    assert written["statistics"]["deep"]["diverse"]["summary"]["top1"]["n"] == 3
+    assert "`deep/diverse/seed-2`" in (main / "study.md").read_text()
+    assert result["merged"] == 2 and ", 2 merged from --merge." in capsys.readouterr().out
+    assert json.loads((parallel / "study.json").read_text()) == before  # the source is left as it was
+    assert not list(main.glob("deep/*/*.merging")) and not list(main.rglob(".diverse-vit.lock"))
+
+    # Merged again: nothing copied. The merged study resumes with the three seeds' command: nothing trained.
+    assert study.merge_studies(study.load_study(main / "study.json"), main, [str(parallel)]) == 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a merged run was not recognised as this study's run")
+
+    monkeypatch.setattr(study, "train_run", no_training)
+    again = study.main(["--output_dir", str(main), "--settings", "deep", "--arms", "baseline", "diverse", "--seeds",
+                        "0", "1", "2", "--num_train_epochs", "16", "--eval_every_epochs", "4"])  # fmt: skip
+    assert (again["trained"], again["skipped"]) == (0, 6)
+
+
+def test_merge_refuses_what_it_cannot_take_in_whole(tmp_path):
+    """Each refusal says what was wrong and copies nothing of that source."""
+    study = load_script(STUDY_SCRIPT, "study_script")
+    main = tmp_path / "main"
+    made_up_study(main, study, seeds=[0])
+    snapshot = (main / "study.json").read_text()
+
+    def refused(source: Path, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            study.main(["--output_dir", str(main), "--merge", str(source), "--report_only"])
+        assert (main / "study.json").read_text() == snapshot and not (main / "deep" / "baseline" / "seed-2").exists()
+
+    refused(tmp_path / "nowhere", "no study.json there")
+    refused(main, "this study's own folder")
+    other_flags = tmp_path / "other_flags"  # seed 0 again, at another learning rate; seed 2 new
+    made_up_study(other_flags, study, seeds=[0, 2])
+    data = json.loads((other_flags / "study.json").read_text())
+    for run in data["runs"]:
+        run["argv"][run["argv"].index("--learning_rate") + 1] = "0.001"
+    (other_flags / "study.json").write_text(json.dumps(data))
+    refused(other_flags, "deep/baseline/seed-0 was trained with other flags")
+    orphan = tmp_path / "orphan"
+    made_up_study(orphan, study, seeds=[2])
+    (main / "deep" / "diverse" / "seed-2").mkdir()  # an interrupted run of this study left its folder
+    refused(orphan, "exists but this study records no run there")
+    (main / "deep" / "diverse" / "seed-2").rmdir()
+    shutil.rmtree(orphan / "deep" / "diverse" / "seed-2")
+    refused(orphan, "its run deep/diverse/seed-2, .* is missing")
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from diverse_vit_hf.trainer.output_folder import OutputFolderLock
+with OutputFolderLock(sys.argv[1]):
+    Path(sys.argv[2]).write_text("locked")
+    time.sleep(120)
+"""
+
+
+def test_a_study_folder_in_use_by_another_process_is_refused(tmp_path):
+    """Two study processes in one folder would each rewrite study.json without the other's runs; a study being
+    trained cannot be merged from either. A real second process holds the lock."""
+    study = load_script(STUDY_SCRIPT, "study_script")
+    busy, main = tmp_path / "busy", tmp_path / "main"
+    made_up_study(busy, study, seeds=[1])
+    made_up_study(main, study, seeds=[0])
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(busy), str(ready)], cwd=REPO, env=SCRIPT_ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the lock holder did not start"
+        cli = subprocess.run([sys.executable, str(STUDY_SCRIPT), "--output_dir", str(busy), "--report_only"],
+                             cwd=REPO, env=SCRIPT_ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert (
+            cli.returncode == 2
+            and f"--output_dir {busy} is in use by another training (process {holder.pid}" in cli.stderr
+        )
+        with pytest.raises(OutputFolderLockedError, match=f"process {holder.pid}"):
+            study.main(["--output_dir", str(main), "--merge", str(busy), "--report_only"])
+        assert len(json.loads((main / "study.json").read_text())["runs"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert study.main(["--output_dir", str(main), "--merge", str(busy), "--report_only"])["merged"] == 2
