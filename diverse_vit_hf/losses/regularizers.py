@@ -41,7 +41,7 @@ def _no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def _patch_tokens(hidden_states: torch.Tensor, num_prefix_tokens: int, name: str, min_patches: int) -> torch.Tensor:
+def _check_patch_tokens(hidden_states: torch.Tensor, num_prefix_tokens: int, name: str, min_patches: int) -> None:
     if hidden_states.ndim != 3:
         raise ValueError(
             f"`{name}` must have shape (batch, tokens, hidden), got a {hidden_states.ndim}-d tensor of shape "
@@ -56,7 +56,120 @@ def _patch_tokens(hidden_states: torch.Tensor, num_prefix_tokens: int, name: str
             f"{num_patches} patch tokens; this loss needs at least {min_patches}. Use a larger image or smaller "
             "patches."
         )
-    return hidden_states[:, num_prefix_tokens:].float()
+
+
+def _rowwise_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`(x * y).sum(-1)` for `(B, P, D)` inputs as a batched product, without a `(B, P, D)` temporary: `(B, P)`."""
+    return torch.matmul(x.unsqueeze(-2), y.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
+def _weighted_token_sum(weights: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`sum_i weights[b, i] * tokens[b, i]`: `(B, P)`, `(B, P, D) -> (B, 1, D)`."""
+    return torch.bmm(weights.unsqueeze(1), tokens)
+
+
+def _unit_vector_vjp_into(
+    out: torch.Tensor, tokens: torch.Tensor, norm: torch.Tensor, clamped: torch.Tensor, token_dot_v: torch.Tensor
+) -> None:
+    """The backward of `u(h) = h / max(||h||, 1e-8)`, in place. On entry `out` holds `v / max(||h||, 1e-8)` for an
+    incoming gradient `v`; this subtracts `h (h . v) / (||h|| max(||h||, 1e-8)^2)` where the norm is not clamped (as
+    autograd's `clamp_min` backward passes the norm's gradient only there). `tokens`, `out`: `(B, P, D)`; `norm`,
+    `clamped` (`max(norm, 1e-8)`), `token_dot_v` (`h . v`): `(B, P)`."""
+    scale = torch.where(norm >= NORM_EPS, token_dot_v / (norm.clamp_min(NORM_EPS) * clamped * clamped), 0.0)
+    out.addcmul_(tokens, scale.unsqueeze(-1), value=-1.0)
+
+
+class _SignedPatchCosine(torch.autograd.Function):
+    """`||mean_i u(h_i)||^2` averaged over images, with a hand-written backward that writes the gradient into one
+    `(B, N, D)` tensor (zero on the prefix tokens): autograd's own backward of the same expression holds about four
+    `(B, P, D)` temporaries and the slice's zero-padded copy at the start of the backward, the step's memory peak."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, num_prefix_tokens):
+        tokens = hidden_states[:, num_prefix_tokens:].float()
+        norm = torch.linalg.vector_norm(tokens, dim=-1)  # (B, P)
+        clamped = norm.clamp_min(NORM_EPS)
+        mean_direction = _weighted_token_sum(clamped.reciprocal(), tokens).squeeze(1) / tokens.shape[1]  # (B, D)
+        ctx.save_for_backward(hidden_states, norm, clamped, mean_direction)
+        ctx.num_prefix_tokens = num_prefix_tokens
+        return mean_direction.pow(2).sum(dim=-1).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        hidden_states, norm, clamped, mean_direction = ctx.saved_tensors
+        tokens = hidden_states[:, ctx.num_prefix_tokens :].float()
+        batch, patches = norm.shape
+        # d/du_i = 2 m / (B P), the same vector for every patch of an image.
+        direction_grad = mean_direction * (2.0 * grad_output.float() / (batch * patches))  # (B, D)
+        grad = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        out = grad[:, ctx.num_prefix_tokens :]
+        torch.mul(direction_grad.unsqueeze(1), clamped.reciprocal().unsqueeze(-1), out=out)
+        _unit_vector_vjp_into(out, tokens, norm, clamped, (tokens @ direction_grad.unsqueeze(-1)).squeeze(-1))
+        return grad.to(hidden_states.dtype), None
+
+
+class _PatchContrastive(torch.autograd.Function):
+    """The patch contrastive loss (method 1b) with a hand-written backward that writes each input's gradient into one
+    `(B, N, D)` tensor (zero on the prefix tokens): every gradient is a per-token combination of the token itself,
+    its partner in the other layer and one per-image sum, built in place. Autograd's own backward of the closed form
+    holds several `(B, P, D)` temporaries and two zero-padded slice copies at the start of the backward, the step's
+    memory peak."""
+
+    @staticmethod
+    def forward(ctx, first_hidden, last_hidden, num_prefix_tokens, detach_first):
+        first = first_hidden[:, num_prefix_tokens:].float()  # (B, P, D)
+        last = last_hidden[:, num_prefix_tokens:].float()
+        first_norm, last_norm = torch.linalg.vector_norm(first, dim=-1), torch.linalg.vector_norm(last, dim=-1)
+        first_clamped, last_clamped = first_norm.clamp_min(NORM_EPS), last_norm.clamp_min(NORM_EPS)
+        patches = first.shape[1]
+        dot = _rowwise_dot(first, last)  # (B, P): h0_i . hL_i
+        direction_sum = _weighted_token_sum(last_clamped.reciprocal(), last)  # (B, 1, D): sum_j c_j
+        first_dot_sum = (first @ direction_sum.transpose(1, 2)).squeeze(-1)  # (B, P): h0_i . sum_j c_j
+        positive = dot / (first_clamped * last_clamped)
+        negative = (first_dot_sum / first_clamped - positive) / (patches - 1)
+        margin = negative - positive
+        ctx.save_for_backward(
+            first_hidden, last_hidden, first_norm, first_clamped, last_norm, last_clamped, dot, first_dot_sum,
+            direction_sum, margin,
+        )  # fmt: skip
+        ctx.num_prefix_tokens, ctx.detach_first = num_prefix_tokens, detach_first
+        return F.softplus(margin).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (first_hidden, last_hidden, first_norm, first_clamped, last_norm, last_clamped, dot, first_dot_sum,
+         direction_sum, margin) = ctx.saved_tensors  # fmt: skip
+        k = ctx.num_prefix_tokens
+        first, last = first_hidden[:, k:].float(), last_hidden[:, k:].float()
+        batch, patches = margin.shape
+        # w_i = dL/d(neg_i - pos_i); pos_i enters with -P/(P-1) (itself and its share of neg_i), each row sum with
+        # 1/(P-1).
+        w = torch.sigmoid(margin) * (grad_output.float() / (batch * patches))
+        on_positive, on_sum = -patches / (patches - 1), 1.0 / (patches - 1)
+        grad_first = grad_last = None
+        if ctx.needs_input_grad[0] and not ctx.detach_first:
+            # dL/da_i = on_positive w_i c_i + on_sum w_i sum_j c_j, with c_i = hL_i / |hL_i|.
+            grad_first = torch.zeros(first_hidden.shape, dtype=torch.float32, device=first_hidden.device)
+            out = grad_first[:, k:]
+            torch.mul(last, (on_positive * w / (last_clamped * first_clamped)).unsqueeze(-1), out=out)
+            out.addcmul_(direction_sum, (on_sum * w / first_clamped).unsqueeze(-1))
+            token_dot_v = on_positive * w * dot / last_clamped + on_sum * w * first_dot_sum
+            _unit_vector_vjp_into(out, first, first_norm, first_clamped, token_dot_v)
+            grad_first = grad_first.to(first_hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            # dL/dc_j = on_positive w_j a_j + on_sum sum_i w_i a_i, with a_i = h0_i / |h0_i|.
+            weighted_first = _weighted_token_sum(w / first_clamped, first)  # (B, 1, D)
+            grad_last = torch.zeros(last_hidden.shape, dtype=torch.float32, device=last_hidden.device)
+            out = grad_last[:, k:]
+            torch.mul(first, (on_positive * w / (first_clamped * last_clamped)).unsqueeze(-1), out=out)
+            out.addcmul_(weighted_first, (on_sum / last_clamped).unsqueeze(-1))
+            last_dot_weighted = (last @ weighted_first.transpose(1, 2)).squeeze(-1)
+            token_dot_v = on_positive * w * dot / first_clamped + on_sum * last_dot_weighted
+            _unit_vector_vjp_into(out, last, last_norm, last_clamped, token_dot_v)
+            grad_last = grad_last.to(last_hidden.dtype)
+        return grad_first, grad_last, None, None
 
 
 def patch_cosine_loss(hidden_states: torch.Tensor, num_prefix_tokens: int = 1, variant: str = "signed") -> torch.Tensor:
@@ -78,10 +191,10 @@ def patch_cosine_loss(hidden_states: torch.Tensor, num_prefix_tokens: int = 1, v
         raise ValueError(f"`variant` must be one of {PATCH_COSINE_VARIANTS}, got {variant!r}.")
     with _no_autocast(hidden_states):
         min_patches = 2 if variant == "gong" else 1
-        u = unit_vectors(_patch_tokens(hidden_states, num_prefix_tokens, "hidden_states", min_patches))
+        _check_patch_tokens(hidden_states, num_prefix_tokens, "hidden_states", min_patches)
         if variant == "signed":
-            mean_direction = u.mean(dim=1)  # (B, D)
-            return mean_direction.pow(2).sum(dim=-1).mean()
+            return _SignedPatchCosine.apply(hidden_states, num_prefix_tokens)
+        u = unit_vectors(hidden_states[:, num_prefix_tokens:].float())
         num_patches = u.shape[1]
         gram = torch.bmm(u, u.transpose(1, 2)).abs()  # (B, P, P)
         off_diagonal = gram.sum(dim=(1, 2)) - torch.diagonal(gram, dim1=1, dim2=2).sum(dim=-1)
@@ -116,20 +229,9 @@ def patch_contrastive_loss(
             "same (batch, tokens, hidden) shape."
         )
     with _no_autocast(last_hidden):
-        first = _patch_tokens(first_hidden, num_prefix_tokens, "first_hidden", 2)  # (B, P, D)
-        last = _patch_tokens(last_hidden, num_prefix_tokens, "last_hidden", 2)
-        if detach_first:
-            first = first.detach()
-        # Written with the raw tokens and their norms instead of normalised copies: autograd then saves only
-        # tensors the model already keeps (plus (B, P) norms), not two new (B, P, D) tensors.
-        first_norm = _norm(first)  # (B, P)
-        last_norm = _norm(last)
-        num_patches = first.shape[1]
-        positive = (first * last).sum(dim=-1) / (first_norm * last_norm)  # (B, P)
-        direction_sum = (last / last_norm.unsqueeze(-1)).sum(dim=1, keepdim=True)  # (B, 1, D): sum_j c_j
-        row_sum = (first * direction_sum).sum(dim=-1) / first_norm  # (B, P): sum_j s_ij
-        negative = (row_sum - positive) / (num_patches - 1)
-        return F.softplus(negative - positive).mean()
+        _check_patch_tokens(first_hidden, num_prefix_tokens, "first_hidden", 2)
+        _check_patch_tokens(last_hidden, num_prefix_tokens, "last_hidden", 2)
+        return _PatchContrastive.apply(first_hidden, last_hidden, num_prefix_tokens, detach_first)
 
 
 def attention_cosine_loss(attention_probs: torch.Tensor) -> torch.Tensor:

@@ -288,6 +288,105 @@ def test_patch_contrastive_detach_first_gradients():
     assert torch.count_nonzero(first.grad[:, 0]) == 0 and torch.count_nonzero(last.grad[:, 0]) == 0
 
 
+def _autograd_unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def _autograd_patch_terms(first, last, k):
+    """The two patch terms as plain autograd expressions (the closed forms, differentiated by autograd): the signed
+    patch cosine of `last`, and the patch contrastive loss of (`first`, `last`)."""
+    a, c = _autograd_unit(first[:, k:].double()), _autograd_unit(last[:, k:].double())
+    cosine = c.mean(dim=1).pow(2).sum(-1).mean()
+    patches = a.shape[1]
+    positive = (a * c).sum(-1)
+    negative = ((a * c.sum(dim=1, keepdim=True)).sum(-1) - positive) / (patches - 1)
+    return cosine, F.softplus(negative - positive).mean()
+
+
+def _patch_term_inputs(k: int, dtype: torch.dtype):
+    """(3, 6 + k, 8) first and last hidden states. In float32 with a zero patch in each and patches with norms below
+    the 1e-8 clamp, so that the clamped branch of the backward is used too (its gradients are ~1e6 times the others,
+    beyond what bfloat16's rounding can be compared against alongside them)."""
+    gen = torch.Generator().manual_seed(40 + k)
+    first = torch.randn(3, 6 + k, 8, generator=gen, dtype=torch.float64)
+    last = 0.6 * first + torch.randn(3, 6 + k, 8, generator=gen, dtype=torch.float64) + 0.2
+    if dtype == torch.float32:
+        first[0, k] = 0.0
+        last[1, k + 1] = 0.0
+        last[2, k + 2] = 1e-10 * torch.randn(8, generator=gen, dtype=torch.float64)
+        first[2, k + 3] = 3e-9
+    return first.to(dtype), last.to(dtype)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_terms_hand_written_gradients_equal_autograds(k, dtype):
+    """The backward written by hand (one `(B, N, D)` gradient per input, zero on the prefix tokens) against autograd
+    on the closed forms in float64, on every input, upstream gradients other than 1, detach_first both ways."""
+    first, last = _patch_term_inputs(k, dtype)
+    ref_first, ref_last = (x.double().requires_grad_(True) for x in (first, last))
+    ref_cosine, ref_contrastive = _autograd_patch_terms(ref_first, ref_last, k)
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    for detach_first in (False, True):
+        ours_first, ours_last = (x.clone().requires_grad_(True) for x in (first, last))
+        cosine = patch_cosine_loss(ours_last, num_prefix_tokens=k)
+        contrastive = patch_contrastive_loss(ours_first, ours_last, num_prefix_tokens=k, detach_first=detach_first)
+        _close(cosine, ref_cosine.detach(), **tolerance)
+        _close(contrastive, ref_contrastive.detach(), **tolerance)
+        total = 0.7 * cosine - 1.3 * contrastive
+        grads = torch.autograd.grad(total, (ours_first, ours_last), allow_unused=True)
+        ref_total = 0.7 * ref_cosine - 1.3 * ref_contrastive
+        if detach_first:
+            ref_total = 0.7 * ref_cosine - 1.3 * _autograd_patch_terms(ref_first.detach(), ref_last, k)[1]
+        ref_grads = torch.autograd.grad(ref_total, (ref_first, ref_last), retain_graph=True, allow_unused=True)
+        for name, grad, ref_grad in zip(("first", "last"), grads, ref_grads, strict=True):
+            if ref_grad is None:
+                assert grad is None, name
+                continue
+            assert grad.dtype == dtype and grad.shape == first.shape, name
+            assert torch.count_nonzero(grad[:, :k]) == 0, name
+            assert torch.isfinite(grad).all(), name
+            torch.testing.assert_close(grad.double(), ref_grad, **tolerance, msg=name)
+    with torch.no_grad():  # and without any graph
+        _close(patch_contrastive_loss(first, last, num_prefix_tokens=k), ref_contrastive.detach(), **tolerance)
+
+
+class NewLargeStorages(TorchDispatchMode):
+    """Counts the distinct storages of at least `numel` elements that operations create while active (outputs
+    that are views of, or written into, existing storages are not new)."""
+
+    def __init__(self, numel: int, existing: tuple[torch.Tensor, ...]) -> None:
+        super().__init__()
+        self.numel = numel
+        self.seen = {t.untyped_storage().data_ptr() for t in existing}
+        self.new: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.numel:
+                pointer = tensor.untyped_storage().data_ptr()
+                if pointer not in self.seen:
+                    self.seen.add(pointer)
+                    self.new.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+def test_patch_terms_backward_builds_only_their_gradients():
+    """The step's memory peak is at the start of the backward, where these terms' gradients are built: each builds
+    its `(B, N, D)` gradient(s) and nothing else of that size (autograd's own backward held about five)."""
+    first, last = (x.requires_grad_(True) for x in _patch_term_inputs(1, torch.float32))
+    cosine = patch_cosine_loss(last)
+    contrastive = patch_contrastive_loss(first, last)
+    patch_size = last[:, 1:].numel()
+    for loss, expected in ((cosine, 1), (contrastive, 2)):
+        watcher = NewLargeStorages(patch_size, (first, last))
+        with watcher:
+            torch.autograd.grad(loss, (first, last), allow_unused=True)
+        assert len(watcher.new) == expected, watcher.new
+        assert all(shape == tuple(last.shape) for _, shape in watcher.new), watcher.new
+
+
 def test_patch_contrastive_shape_mismatch():
     with pytest.raises(ValueError, match="same"):
         patch_contrastive_loss(torch.randn(2, 5, 8), torch.randn(2, 6, 8))
