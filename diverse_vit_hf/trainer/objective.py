@@ -40,10 +40,11 @@ from ..utils.distributed import broadcast_start_vectors, has_dtensor_parameters
 
 @dataclass
 class TermInputs:
-    """What a regularizer reads: the diversified forward's outputs, the (unwrapped) model, the settings and the
-    persistent power-iteration state (None: a fresh random vector every step)."""
+    """What a regularizer reads: the diversified forward's outputs (None for a term computed before the forward), the
+    (unwrapped) model, the settings and the persistent power-iteration state (None: a fresh random vector every
+    step)."""
 
-    outputs: DiverseImageClassifierOutput
+    outputs: DiverseImageClassifierOutput | None
     model: DiverseModelMixin
     config: DiversityConfig
     power_state: PowerIterationState | None
@@ -57,11 +58,16 @@ class DiversityTerm:
         name: the logged name (`loss_<...>`), as in `LOSS_TERM_NAMES`.
         coefficient: the `DiversityConfig` field holding its weight; the term is computed only when it is > 0.
         compute: `TermInputs -> ()` float32 scalar.
+        reads_outputs: whether `compute` reads the forward's outputs. A term that does not (the weight term) is
+            computed before the forward: autograd runs the nodes made last first, so its backward then runs after
+            the model's, once the activations are freed, instead of adding its transients to the step's memory peak
+            at the start of the backward.
     """
 
     name: str
     coefficient: str
     compute: Callable[[TermInputs], torch.Tensor]
+    reads_outputs: bool = True
 
 
 def _patch_cosine(x: TermInputs) -> torch.Tensor:
@@ -104,7 +110,7 @@ DIVERSITY_TERMS: tuple[DiversityTerm, ...] = (
     DiversityTerm("loss_patch_cosine", "patch_cosine_coef", _patch_cosine),
     DiversityTerm("loss_patch_contrastive", "patch_contrastive_coef", _patch_contrastive),
     DiversityTerm("loss_attention_cosine", "attention_cosine_coef", _attention_cosine),
-    DiversityTerm("loss_weight_condition", "weight_condition_coef", _weight_condition),
+    DiversityTerm("loss_weight_condition", "weight_condition_coef", _weight_condition, reads_outputs=False),
 )
 
 
@@ -240,6 +246,12 @@ class DiversityObjective:
                     mixed.label_smoothing,
                     unwrapped.num_prefix_tokens,
                 )
+        active = self.active_terms()
+        values = {
+            term.name: term.compute(TermInputs(None, unwrapped, self.config, self.power_state))
+            for term in active
+            if not term.reads_outputs
+        }
         outputs = model(pixel_values=pixel_values, **diversity_kwargs)
         # The image-level term reads the model's image logits: token 0's for CLS heads, the pooled head's else.
         if self.config.patch_mixing_loss and mixed is not None:
@@ -260,8 +272,8 @@ class DiversityObjective:
             loss = soft_target_cross_entropy(outputs.logits, targets)
         terms = {"loss_cls": loss.detach()}
         inputs = TermInputs(outputs, unwrapped, self.config, self.power_state)
-        for term in self.active_terms():
-            value = term.compute(inputs)
+        for term in active:
+            value = values[term.name] if term.name in values else term.compute(inputs)
             terms[term.name] = value.detach()
             loss = loss + getattr(self.config, term.coefficient) * value
         return ObjectiveOutput(loss=loss, terms=terms, outputs=outputs)

@@ -101,9 +101,36 @@ def test_a_coefficient_of_zero_skips_its_term(off):
     kept = [term.name for term in DIVERSITY_TERMS if term.coefficient != off]
     assert [term.name for term in objective.active_terms()] == kept
     result = objective(tiny_model(), make_batch())
-    assert calls == kept
-    assert set(result.terms) == {"loss_cls", *kept}
+    assert sorted(calls) == sorted(kept)
+    assert list(result.terms) == ["loss_cls", *kept]  # logged in table order, whenever computed
     assert torch.isfinite(result.loss)
+
+
+def test_the_weight_term_is_computed_before_the_forward_and_back_propagated_after_the_model():
+    """The weight term reads no activation: computed before the forward, its backward (with its `(M, D, D)`
+    gradient transients) runs after the model's, once the activations are freed, not on top of them at the start of
+    the backward (the step's memory peak)."""
+    events: list[str] = []
+    model = tiny_model()
+    real_projection_weights = model.attention_projection_weights
+
+    def recorded_projection_weights():
+        weights = real_projection_weights()
+        events.append("weight term")
+        weights.register_hook(lambda grad: events.append("weight term backward"))
+        return weights
+
+    model.attention_projection_weights = recorded_projection_weights
+    model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    first_block = model.backbone.layers[0]
+    first_block.register_full_backward_hook(lambda module, grad_in, grad_out: events.append("block 1 backward"))
+    config = DiversityConfig(mixing=False, weight_estimator="exact", **COEFFICIENTS)
+    objective = DiversityObjective(config, num_labels=NUM_LABELS, patch_size=4)
+    result = objective(model, make_batch())
+    result.loss.backward()
+    assert events == ["weight term", "forward", "block 1 backward", "weight term backward"]
+    expected = weight_condition_loss(real_projection_weights(), "exact")
+    torch.testing.assert_close(result.terms["loss_weight_condition"], expected.detach())
 
 
 def test_all_coefficients_zero_leave_the_classification_loss_alone():
