@@ -40,6 +40,21 @@ def test_overhead_benchmark_reports_all_variants_and_ratios(capsys):
     assert lines[-1].startswith("c/b: time")
 
 
+def test_memory_peak_profile_accounts_for_the_peak_and_names_what_holds_it(capsys):
+    """The replayed peak is the sum of its groups, at least the activations saved for the backward (alive at the end
+    of the forward, inside the step) as overhead.py measures them, and ours names the loss code that holds memory."""
+    argv = ["--config", "tiny", "--batch_size", "8", "--only", "a,b", "--top", "40"]
+    results = load_benchmark("memory_peak").main(argv)
+    saved = load_benchmark("overhead").main([*argv[:4], "--only", "a,b", "--warmup", "0", "--repeats", "1", "--json"])
+    for key in ("a", "b"):
+        peak, reached, groups = results[key]
+        assert peak == sum(groups.values()) > 0 and reached != "-"
+        assert peak >= saved["variants"][key]["memory_mib"] * 2**20
+    assert any("regularizers.py" in name for name in results["b"][2])
+    assert not any("regularizers.py" in name for name in results["a"][2])
+    assert "ours / plain HF peak: " in capsys.readouterr().out
+
+
 def test_overhead_benchmark_measures_the_peak_rss_rise_when_freed_memory_is_returned():
     command = [sys.executable, str(BENCHMARKS / "overhead.py"), "--config", "tiny", "--batch_size", "64", "--warmup",
                "0", "--repeats", "1", "--only", "a,b", "--json"]  # fmt: skip
