@@ -28,12 +28,19 @@ run first reaches the baseline's mean final top-1, whether the baseline has conv
 0.5 points over the last 25% of its epochs, `diverse_vit_hf.scripts.study_statistics.convergence_check`), and
 `study_curves.png`.
 
-Does Diverse-ViT reach a better end point, or only train faster? The converged-budget study (3 arms x 2 settings x 5
-seeds = 30 runs, 4x the epochs of the 12-epoch study: about 4 h of training on the 2-core machine that ran that one,
-plus the evaluations):
+Does Diverse-ViT reach a better end point, or only train faster? The converged-budget study in docs/study/converged
+(3 arms x 2 settings x 5 seeds = 30 runs, 32 epochs, evaluated every 4; about 3 core-hours: on one thread of the
+2-core machine that ran it a deep run takes about 500 s, a shallow one about 200 s; run as 1-thread processes side by
+side, each with its own seeds and folder, merged afterwards):
 
-    python examples/study.py --arms baseline diverse patch --num_train_epochs 48 --eval_every_epochs 4 \
-        --torch_threads 2 --output_dir outputs/study_converged
+    python examples/study.py --arms baseline diverse patch --num_train_epochs 32 --eval_every_epochs 4 \
+        --torch_threads 1 --seeds 0 1 2 --output_dir outputs/study_converged        # and, at the same time:
+    python examples/study.py --arms baseline diverse patch --num_train_epochs 32 --eval_every_epochs 4 \
+        --torch_threads 1 --seeds 3 4 --output_dir outputs/study_converged_b
+    python examples/study.py --output_dir outputs/study_converged --merge outputs/study_converged_b --report_only
+
+Two processes never share a study folder (it is locked while a study runs there; a second one is refused), and
+`--merge` takes in whole runs of studies made with the same command, refusing runs trained with other flags.
 
 The study resumes: a run already in study.json with the same setting, arm, seed and flags is not trained again, and
 study.json is rewritten (atomically) after every run, so an interrupted study continues where it stopped when the same

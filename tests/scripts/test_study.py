@@ -395,3 +395,37 @@ def test_a_study_folder_in_use_by_another_process_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     assert study.main(["--output_dir", str(main), "--merge", str(busy), "--report_only"])["merged"] == 2
+
+
+COMMITTED_CONVERGED = REPO / "docs" / "study" / "converged"
+
+
+def test_the_committed_converged_study_report_is_what_its_runs_give(tmp_path):
+    """docs/study/converged: 30 runs, n = 5 per arm and setting, every run with its accuracy curve and folders relative
+    to the study; --report_only on a copy recomputes its statistics and report from the runs and gives the committed
+    report (but the line naming the installed scipy)."""
+    study = load_script(STUDY_SCRIPT, "study_script")
+    committed = json.loads((COMMITTED_CONVERGED / "study.json").read_text())
+    assert len(committed["runs"]) == 30
+    for setting in ("shallow", "deep"):
+        for arm in ("baseline", "diverse", "patch"):
+            runs = [r for r in committed["runs"] if (r["setting"], r["arm"]) == (setting, arm)]
+            assert sorted(r["seed"] for r in runs) == [0, 1, 2, 3, 4]
+            for run in runs:
+                assert run["output_dir"] == f"{setting}/{arm}/seed-{run['seed']}"
+                assert [p["epoch"] for p in run["curve"]] == [4.0 * k for k in range(1, 9)]
+                assert run["curve"][-1]["top1"] == run["metrics"]["top1"]
+    copy = tmp_path / "converged"
+    shutil.copytree(COMMITTED_CONVERGED, copy)
+    study.main(["--output_dir", str(copy), "--report_only"])
+    recomputed = json.loads((copy / "study.json").read_text())
+    assert recomputed["runs"] == committed["runs"]
+    assert recomputed["statistics"] == committed["statistics"]
+    assert recomputed["curve_statistics"] == committed["curve_statistics"]
+
+    def without_versions(report: str) -> list[str]:
+        return [line for line in report.splitlines() if "t quantile:" not in line]
+
+    assert without_versions((copy / "study.md").read_text()) == without_versions(
+        (COMMITTED_CONVERGED / "study.md").read_text()
+    )
