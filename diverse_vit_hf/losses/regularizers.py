@@ -68,6 +68,12 @@ def _weighted_token_sum(weights: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return torch.bmm(weights.unsqueeze(1), tokens)
 
 
+def _float32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Saved statistics in float32 for a hand-written backward, whatever autocast made of them in the forward (the
+    public functions leave autocast; a caller of the `Function` itself may not have)."""
+    return [tensor.float() for tensor in tensors]
+
+
 def _unit_vector_vjp_into(
     out: torch.Tensor, tokens: torch.Tensor, norm: torch.Tensor, clamped: torch.Tensor, token_dot_v: torch.Tensor
 ) -> None:
@@ -97,7 +103,8 @@ class _SignedPatchCosine(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        hidden_states, norm, clamped, mean_direction = ctx.saved_tensors
+        hidden_states, *saved = ctx.saved_tensors
+        norm, clamped, mean_direction = _float32(saved)
         tokens = hidden_states[:, ctx.num_prefix_tokens :].float()
         batch, patches = norm.shape
         # d/du_i = 2 m / (B P), the same vector for every patch of an image.
@@ -139,8 +146,8 @@ class _PatchContrastive(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        (first_hidden, last_hidden, first_norm, first_clamped, last_norm, last_clamped, dot, first_dot_sum,
-         direction_sum, margin) = ctx.saved_tensors  # fmt: skip
+        first_hidden, last_hidden, *saved = ctx.saved_tensors
+        first_norm, first_clamped, last_norm, last_clamped, dot, first_dot_sum, direction_sum, margin = _float32(saved)
         k = ctx.num_prefix_tokens
         first, last = first_hidden[:, k:].float(), last_hidden[:, k:].float()
         batch, patches = margin.shape

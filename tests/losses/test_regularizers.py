@@ -1109,3 +1109,18 @@ def test_attention_cosine_from_scores_keeps_no_probabilities_and_builds_one_chun
     assert saved < chunk and built == chunk
     with pytest.raises(ValueError, match="same shape"):
         attention_cosine_loss_from_scores(query, key[:, :, :5], 0.5)
+
+
+def test_patch_terms_backward_runs_whatever_autocast_made_of_the_forward():
+    """The public functions leave autocast; their `Function`s called under bf16 autocast directly (statistics saved in
+    bf16) still run their backward in float32, close to the float32 gradients."""
+    from diverse_vit_hf.losses.regularizers import _PatchContrastive, _SignedPatchCosine
+
+    first, last = (x.float().requires_grad_(True) for x in _patch_term_inputs(1, torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = _SignedPatchCosine.apply(last, 1) + _PatchContrastive.apply(first, last, 1, False)
+    grads = torch.autograd.grad(total, (first, last))
+    reference = torch.autograd.grad(patch_cosine_loss(last) + patch_contrastive_loss(first, last), (first, last))
+    for grad, ref in zip(grads, reference, strict=True):
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+        torch.testing.assert_close(grad, ref, rtol=5e-2, atol=5e-2 * float(ref.abs().max()))
