@@ -68,6 +68,11 @@ def _weighted_token_sum(weights: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return torch.bmm(weights.unsqueeze(1), tokens)
 
 
+def _token_dots(tokens: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """`tokens[b, i] . vector[b]` for one vector per image: `(B, P, D)`, `(B, 1, D) -> (B, P)`."""
+    return torch.bmm(tokens, vector.transpose(1, 2)).squeeze(-1)
+
+
 def _float32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Saved statistics in float32 for a hand-written backward, whatever autocast made of them in the forward (the
     public functions leave autocast; a caller of the `Function` itself may not have)."""
@@ -81,7 +86,7 @@ def _unit_vector_vjp_into(
     incoming gradient `v`; this subtracts `h (h . v) / (||h|| max(||h||, 1e-8)^2)` where the norm is not clamped (as
     autograd's `clamp_min` backward passes the norm's gradient only there). `tokens`, `out`: `(B, P, D)`; `norm`,
     `clamped` (`max(norm, 1e-8)`), `token_dot_v` (`h . v`): `(B, P)`."""
-    scale = torch.where(norm >= NORM_EPS, token_dot_v / (norm.clamp_min(NORM_EPS) * clamped * clamped), 0.0)
+    scale = torch.where(norm >= NORM_EPS, token_dot_v / (clamped * clamped * clamped), 0.0)  # clamped = norm there
     out.addcmul_(tokens, scale.unsqueeze(-1), value=-1.0)
 
 
@@ -112,7 +117,7 @@ class _SignedPatchCosine(torch.autograd.Function):
         grad = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         out = grad[:, ctx.num_prefix_tokens :]
         torch.mul(direction_grad.unsqueeze(1), clamped.reciprocal().unsqueeze(-1), out=out)
-        _unit_vector_vjp_into(out, tokens, norm, clamped, (tokens @ direction_grad.unsqueeze(-1)).squeeze(-1))
+        _unit_vector_vjp_into(out, tokens, norm, clamped, _token_dots(tokens, direction_grad.unsqueeze(1)))
         return grad.to(hidden_states.dtype), None
 
 
@@ -132,7 +137,7 @@ class _PatchContrastive(torch.autograd.Function):
         patches = first.shape[1]
         dot = _rowwise_dot(first, last)  # (B, P): h0_i . hL_i
         direction_sum = _weighted_token_sum(last_clamped.reciprocal(), last)  # (B, 1, D): sum_j c_j
-        first_dot_sum = (first @ direction_sum.transpose(1, 2)).squeeze(-1)  # (B, P): h0_i . sum_j c_j
+        first_dot_sum = _token_dots(first, direction_sum)  # (B, P): h0_i . sum_j c_j
         positive = dot / (first_clamped * last_clamped)
         negative = (first_dot_sum / first_clamped - positive) / (patches - 1)
         margin = negative - positive
@@ -172,7 +177,7 @@ class _PatchContrastive(torch.autograd.Function):
             out = grad_last[:, k:]
             torch.mul(first, (on_positive * w / (first_clamped * last_clamped)).unsqueeze(-1), out=out)
             out.addcmul_(weighted_first, (on_sum / last_clamped).unsqueeze(-1))
-            last_dot_weighted = (last @ weighted_first.transpose(1, 2)).squeeze(-1)
+            last_dot_weighted = _token_dots(last, weighted_first)
             token_dot_v = on_positive * w * dot / first_clamped + on_sum * last_dot_weighted
             _unit_vector_vjp_into(out, last, last_norm, last_clamped, token_dot_v)
             grad_last = grad_last.to(last_hidden.dtype)
