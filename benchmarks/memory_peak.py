@@ -52,9 +52,10 @@ def owner(event, event_type) -> str:
     while parent is not None:
         if parent.typed[0] == event_type.TorchOp:
             name = parent.name.replace("autograd::engine::evaluate_function: ", "backward of ")
-            if not operators or name.startswith("backward of "):
+            in_backward = name.startswith("backward of ")
+            if in_backward or not operators:  # the allocating operator, then the autograd node running it, if any
                 operators.append(name)
-            if name.startswith("backward of "):
+            if in_backward:
                 break
         elif parent.typed[0] == event_type.PyCall and frame is None and any(c in parent.name for c in CODE_FRAMES):
             frame = parent.name.rsplit("/", 1)[-1]
@@ -97,12 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[int, str, collections
     if args.threads:
         torch.set_num_threads(args.threads)
     config = overhead.vit_config(args.config, args.image_size)
-    size = config.image_size
-    generator = torch.Generator().manual_seed(0)
-    batch = {
-        "pixel_values": torch.randn(args.batch_size, 3, size, size, generator=generator),
-        "labels": torch.randint(0, config.num_labels, (args.batch_size,), generator=generator),
-    }
+    batch = overhead.random_batch(config, args.batch_size, "cpu")
     mixer = overhead.PatchMixupCutmix(config.num_labels, config.patch_size)
     keys = args.only.split(",")
     variants = overhead.build_variants(config, "cpu", batch, mixer, set(keys))

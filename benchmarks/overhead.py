@@ -168,6 +168,16 @@ def vit_config(name: str, image_size: int | None = None) -> ViTConfig:
     return ViTConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **values)
 
 
+def random_batch(config: ViTConfig, batch_size: int, device: str) -> dict[str, torch.Tensor]:
+    """The benchmark's batch, the same in every run: `pixel_values` `(B, 3, H, W)` and `labels` `(B,)`."""
+    generator = torch.Generator().manual_seed(0)
+    size = config.image_size
+    return {
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator).to(device),
+        "labels": torch.randint(0, config.num_labels, (batch_size,), generator=generator).to(device),
+    }
+
+
 def plain_timm_vit(config: ViTConfig) -> torch.nn.Module:
     """timm's own `VisionTransformer` with the sizes of `config` (what `timm.create_model("deit_tiny_patch16_224")`
     builds for DeiT-Tiny), no dropout: the reference implementation the HF step is compared with."""
@@ -290,11 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     device = args.device
     config = vit_config(args.config, args.image_size)
     size = config.image_size
-    generator = torch.Generator().manual_seed(0)
-    batch = {
-        "pixel_values": torch.randn(args.batch_size, 3, size, size, generator=generator).to(device),
-        "labels": torch.randint(0, config.num_labels, (args.batch_size,), generator=generator).to(device),
-    }
+    batch = random_batch(config, args.batch_size, device)
     mixer = PatchMixupCutmix(config.num_labels, config.patch_size)
     only = set(args.only.split(",")) if args.only else None
     variants = build_variants(config, device, batch, mixer, only)
