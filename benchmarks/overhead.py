@@ -15,6 +15,15 @@ Memory: on CUDA the peak allocated bytes of the step; on CPU the bytes of tensor
 activation memory that dominates training, deduplicated by storage), since the CPU allocator has no peak
 counter.
 
+Arithmetic: each variant's FLOPs of one step (forward + backward) as `torch.utils.flop_counter` counts them (matrix
+products, convolutions and attention, the CPU's fused SDPA included; element-wise work is not counted). Unlike the
+times, this is exact and the same on every machine: a variant whose FLOPs are 1.046x plain HF's cannot take less
+than about 1.046x its time without using the hardware better.
+
+Time ratios: the ratio of the medians, and the median of the per-round ratios (both variants' steps of one round see
+the same machine) with a distribution-free 95% confidence interval (binomial order statistics), which says whether a
+target such as 1.05 is resolved by the run.
+
     python benchmarks/overhead.py                           # DeiT-Tiny 224px, fp32, CPU, batch 8
     python benchmarks/overhead.py --config deit-small --batch_size 128 --dtype bf16 --device cuda
     python benchmarks/overhead.py --config tiny --json      # seconds, for a smoke test
@@ -34,6 +43,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -42,10 +52,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import ViTConfig, ViTForImageClassification
 
 from diverse_vit_hf import DiverseTrainer, DiverseTrainingArguments, DiverseViTForImageClassification
@@ -86,6 +98,7 @@ class Result:
     description: str
     seconds: list[float] = field(default_factory=list)
     memory_bytes: int = 0
+    flops: int = 0
     rss_peak_bytes: list[int] = field(default_factory=list)
 
     @property
@@ -159,6 +172,43 @@ class SavedTensorMeter:
     @property
     def total(self) -> int:
         return sum(self.storages.values())
+
+
+def median_with_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float | None, float | None]:
+    """The median of `values` and a distribution-free confidence interval for it: the order statistics
+    `x_(k) <= median <= x_(n+1-k)` for the largest k with `P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2`. With
+    fewer than 6 values no interval reaches 95%: (median, None, None)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    tail = (1 - confidence) / 2
+    k, below = 0, 0.0  # below = P(Binomial(n, 1/2) < k + 1)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return statistics.median(ordered), None, None
+    return statistics.median(ordered), ordered[k - 1], ordered[n - k]
+
+
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the CPU's fused attention kernel (which it leaves out: every block of a
+    ViT on SDPA would count zero attention FLOPs on CPU) with the formulas it uses for the CUDA kernels."""
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_attention_backward_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def vit_config(name: str, image_size: int | None = None) -> ViTConfig:
@@ -321,7 +371,7 @@ def run(args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    def step(key: str, measure_memory: bool = False, measure_rss: bool = False) -> float:
+    def step(key: str, measure_memory: bool = False, measure_rss: bool = False, count_flops: bool = False) -> float:
         result, loss_fn, model = variants[key]
         optimizer = optimizers[key]
         sync()
@@ -329,7 +379,8 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         optimizer.zero_grad(set_to_none=True)
-        with rss.measure() if measure_rss else contextlib.nullcontext():
+        counter = flop_counter() if count_flops else contextlib.nullcontext()
+        with rss.measure() if measure_rss else contextlib.nullcontext(), counter:
             start = time.perf_counter()
             with autocast(), meter.measure(model) if measure_memory else contextlib.nullcontext():
                 loss = loss_fn()
@@ -339,6 +390,8 @@ def run(args: argparse.Namespace) -> dict:
             elapsed = time.perf_counter() - start
         if measure_memory:
             result.memory_bytes = torch.cuda.max_memory_allocated() - base if cuda else meter.total
+        if count_flops:
+            result.flops = counter.get_total_flops()
         if measure_rss:
             result.rss_peak_bytes.append(rss.peak)
         return elapsed
@@ -347,6 +400,7 @@ def run(args: argparse.Namespace) -> dict:
         for _ in range(args.warmup):
             step(key)
         step(key, measure_memory=True)
+        step(key, count_flops=True)  # untimed: the counter intercepts every operator
     for _ in range(args.repeats):
         for key in variants:  # alternate so that machine noise hits every variant alike
             variants[key][0].seconds.append(step(key))
@@ -380,22 +434,36 @@ def run(args: argparse.Namespace) -> dict:
                 "images_per_s": args.batch_size / r.median,
                 "memory_mib": r.memory_bytes / 2**20,
                 "rss_peak_mib": statistics.median(r.rss_peak_bytes) / 2**20 if r.rss_peak_bytes else None,
+                "gflops": r.flops / 1e9,
                 "seconds": r.seconds,
             }
             for key, r in results.items()
         },
     }
+
+    def per_round(numerator: Result, denominator: Result) -> dict[str, Any]:
+        ratios = [n / d for n, d in zip(numerator.seconds, denominator.seconds, strict=True)]
+        median, low, high = median_with_ci(ratios)
+        return {"median": median, "ci95": None if low is None else [low, high]}
+
     if "a" in results and "b" in results:
         report["ratio_b_over_a"] = {
             "time": results["b"].median / results["a"].median,
+            "time_per_round": per_round(results["b"], results["a"]),
             "memory": results["b"].memory_bytes / max(results["a"].memory_bytes, 1),
+            "flops": results["b"].flops / max(results["a"].flops, 1),
         }
+        report["flops_over_a"] = {key: r.flops / max(results["a"].flops, 1) for key, r in results.items()}
         if results["a"].rss_peak_bytes and results["b"].rss_peak_bytes:
             report["ratio_b_over_a"]["rss_peak"] = statistics.median(results["b"].rss_peak_bytes) / max(
                 statistics.median(results["a"].rss_peak_bytes), 1
             )
     if "a" in results and "t" in results:
-        report["ratio_a_over_t"] = {"time": results["a"].median / results["t"].median}
+        report["ratio_a_over_t"] = {
+            "time": results["a"].median / results["t"].median,
+            "time_per_round": per_round(results["a"], results["t"]),
+            "flops": results["a"].flops / max(results["t"].flops, 1),
+        }
         if results["a"].rss_peak_bytes and results["t"].rss_peak_bytes:
             report["ratio_a_over_t"]["rss_peak"] = statistics.median(results["a"].rss_peak_bytes) / max(
                 statistics.median(results["t"].rss_peak_bytes), 1
@@ -416,21 +484,27 @@ def print_table(report: dict) -> None:
         f"torch {report['torch']}, transformers {report['transformers']}; median of {report['repeats']} "
         f"alternating steps; memory = {report['memory_kind']}"
     )
-    print(f"{'variant':<16} {'step ms':>9} {'img/s':>8} {'mem MiB':>9} {'RSS MiB':>9}  description")
+    print(f"{'variant':<16} {'step ms':>9} {'img/s':>8} {'mem MiB':>9} {'RSS MiB':>9} {'GFLOP':>9}  description")
     for key, row in report["variants"].items():
         peak = f"{row['rss_peak_mib']:>9.1f}" if row.get("rss_peak_mib") is not None else f"{'-':>9}"
         print(
-            f"{key:<16} {row['median_s'] * 1e3:>9.1f} {row['images_per_s']:>8.1f} {row['memory_mib']:>9.1f} {peak}  "
-            f"{row['description']}"
+            f"{key:<16} {row['median_s'] * 1e3:>9.1f} {row['images_per_s']:>8.1f} {row['memory_mib']:>9.1f} {peak} "
+            f"{row['gflops']:>9.2f}  {row['description']}"
         )
+
+    def per_round(r: dict) -> str:
+        ci = r["time_per_round"]["ci95"]
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        return f"(per round {r['time_per_round']['median']:.3f}{interval})"
+
     if "ratio_a_over_t" in report:
         r = report["ratio_a_over_t"]
         extra = f"  peak RSS {r['rss_peak']:.3f}" if "rss_peak" in r else ""
-        print(f"a/t: time {r['time']:.3f}{extra}")
+        print(f"a/t: time {r['time']:.3f} {per_round(r)}  FLOPs {r['flops']:.3f}{extra}")
     if "ratio_b_over_a" in report:
         r = report["ratio_b_over_a"]
         extra = f"  peak RSS {r['rss_peak']:.3f}" if "rss_peak" in r else ""
-        print(f"b/a: time {r['time']:.3f}  memory {r['memory']:.3f}{extra}")
+        print(f"b/a: time {r['time']:.3f} {per_round(r)}  memory {r['memory']:.3f}{extra}  FLOPs {r['flops']:.3f}")
     if "ratio_c_over_b" in report:
         r = report["ratio_c_over_b"]
         print(f"c/b: time {r['time']:.3f}  memory {r['memory']:.3f}")

@@ -35,9 +35,50 @@ def test_overhead_benchmark_reports_all_variants_and_ratios(capsys):
     # timm's ViT and HF's save the same activations (same sizes, no dropout).
     assert report["variants"]["t"]["memory_mib"] == pytest.approx(report["variants"]["a"]["memory_mib"], rel=0.02)
     assert "rss_peak" not in report["ratio_b_over_a"] and "time" in report["ratio_a_over_t"]
+    # Ours applies the head to every token (the patch-wise loss) and recomputes block 1's maps: more arithmetic.
+    assert report["ratio_b_over_a"]["flops"] > 1.0 and report["ratio_a_over_t"]["flops"] == pytest.approx(1.0)
+    assert report["flops_over_a"]["d_patch_mixing"] > 1.0
+    assert report["ratio_b_over_a"]["time_per_round"]["ci95"] is None  # one round: no interval
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].startswith("a/t: time") and lines[-2].startswith("b/a: time") and "peak RSS" not in lines[-2]
-    assert lines[-1].startswith("c/b: time")
+    assert "FLOPs" in lines[-2] and lines[-1].startswith("c/b: time")
+
+
+def test_median_confidence_interval_is_the_binomial_order_statistics():
+    """Against scipy's binomial distribution: the interval is [x_(k), x_(n+1-k)] for the largest k with
+    P(Binomial(n, 1/2) <= k - 1) <= 2.5%, and its coverage for the median is at least 95%."""
+    binom = pytest.importorskip("scipy.stats").binom
+    median_with_ci = load_benchmark("overhead").median_with_ci
+    assert median_with_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (3.0, None, None)  # n = 5: no order statistics reach 95%
+    for n in (6, 9, 21, 41, 100):
+        values = [float(v) for v in range(1, n + 1)]
+        median, low, high = median_with_ci(values[::-1])
+        k = max(j for j in range(1, n // 2 + 1) if binom.cdf(j - 1, n, 0.5) <= 0.025)
+        assert (low, high) == (values[k - 1], values[n - k]) and median == pytest.approx((n + 1) / 2)
+        assert 1 - 2 * binom.cdf(k - 1, n, 0.5) >= 0.95
+    assert median_with_ci([1.0] * 21) == (1.0, 1.0, 1.0)
+
+
+def test_flop_counter_counts_the_cpu_fused_attention_as_the_eager_products():
+    """torch's counter leaves out the CPU's SDPA kernel; ours counts it as Q·Kᵀ and P·V, which is what eager
+    attention's two batched products count (forward only: the fused backward also recomputes Q·Kᵀ)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    overhead = load_benchmark("overhead")
+    config = ViTConfig(**overhead.CONFIGS["tiny"])
+    pixels = torch.randn(2, 3, 32, 32)
+    counts = {}
+    for attention in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = ViTForImageClassification(config).eval()
+        model.set_attn_implementation(attention)
+        with torch.no_grad(), overhead.flop_counter() as counter:
+            model(pixel_values=pixels)
+        counts[attention] = counter.get_total_flops()
+        attention_ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+        assert any("attention" in op or "bmm" in op for op in attention_ops), attention_ops
+    assert counts["sdpa"] == counts["eager"] > 0
 
 
 def test_memory_peak_profile_accounts_for_the_peak_and_names_what_holds_it(capsys):
