@@ -298,6 +298,70 @@ def softmax_attention(
 ATTENTION_CHUNK_ELEMENTS = 2**20
 
 
+class _AttentionCosineFromScores(torch.autograd.Function):
+    """`attention_cosine_loss(softmax_attention(query, key, scaling, bias))` in chunks of images, the gradients for
+    the query, key and bias taken in the forward while each chunk's maps exist, so the backward only scales them:
+    the maps are built once, never kept, never recomputed.
+
+    The gradient in closed form, per image, with `n_h = max(||A_h||, eps)`, `cos = G / (n n^T)` for the head Gram
+    `G = A A^T` and `c_h = sum_g cos_hg`: `dL/dA = M A` with
+    `M_hg = 2 / H^2 * (1 / (n_h n_g) - [h = g] [||A_h|| >= eps] c_h / n_h^2)`, then the softmax's backward
+    `dS = P * (dA - rowsum(dA * P))` and the two products with the key and the query."""
+
+    @staticmethod
+    def forward(ctx, query, key, bias, options):
+        scaling, images_per_chunk, per_image_bias, matmul_dtype, compute_grad = options
+        batch, heads = query.shape[:2]
+        total = torch.zeros((), device=query.device, dtype=torch.float32)
+        grad_query = torch.empty_like(query) if compute_grad[0] else None
+        grad_key = torch.empty_like(key) if compute_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if compute_grad[2] else None
+        # d(mean over images of the mean over H x H head pairs) / d(each cosine), before the Gram's chain rule.
+        pair_weight = 2.0 / (heads * heads * batch)
+        for start in range(0, batch, images_per_chunk):
+            stop = min(start + images_per_chunk, batch)
+            scaled_query = (query[start:stop] * scaling).to(matmul_dtype)  # scaling the query, as softmax_attention
+            chunk_key = key[start:stop].to(matmul_dtype)
+            scores = torch.matmul(scaled_query, chunk_key.transpose(-1, -2))  # (b, H, N, N)
+            if bias is not None:
+                scores = scores + (bias[start:stop] if per_image_bias else bias)
+            probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+            del scores
+            maps = probs.to(query.dtype).float().flatten(start_dim=2)  # (b, H, N*N), probs itself in float32
+            gram = torch.bmm(maps, maps.transpose(1, 2))  # (b, H, H)
+            squared_norms = torch.diagonal(gram, dim1=1, dim2=2)
+            norms = squared_norms.clamp_min(NORM_EPS**2).sqrt()  # (b, H)
+            pair_norms = norms.unsqueeze(-1) * norms.unsqueeze(-2)
+            cosine = gram / pair_norms
+            total = total + cosine.mean(dim=(1, 2)).sum()
+            if not any(compute_grad):
+                continue
+            mix = pair_weight / pair_norms  # (b, H, H): dL/dA = mix @ A, the projection on the diagonal below
+            unclamped = (squared_norms >= NORM_EPS**2).to(mix.dtype)
+            torch.diagonal(mix, dim1=1, dim2=2).sub_(pair_weight * cosine.sum(dim=-1) * unclamped / norms.square())
+            grad_scores = torch.bmm(mix, maps).view_as(probs)  # dL/dP, (b, H, N, N)
+            del maps
+            grad_scores.sub_((grad_scores * probs).sum(dim=-1, keepdim=True)).mul_(probs)  # the softmax's backward
+            del probs
+            if grad_bias is not None:
+                if per_image_bias:
+                    grad_bias[start:stop] = grad_scores.sum_to_size(grad_bias[start:stop].shape)
+                else:
+                    grad_bias += grad_scores.sum_to_size(bias.shape)
+            grad_scores = grad_scores.to(matmul_dtype)
+            if grad_query is not None:
+                grad_query[start:stop] = (torch.matmul(grad_scores, chunk_key) * scaling).to(query.dtype)
+            if grad_key is not None:
+                grad_key[start:stop] = torch.matmul(grad_scores.transpose(-1, -2), scaled_query).to(key.dtype)
+        ctx.save_for_backward(grad_query, grad_key, None if grad_bias is None else grad_bias.to(bias.dtype))
+        return total / batch
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in ctx.saved_tensors)
+        return (*grads, None)
+
+
 def attention_cosine_loss_from_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -306,10 +370,13 @@ def attention_cosine_loss_from_scores(
     chunk_elements: int = ATTENTION_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """`attention_cosine_loss(softmax_attention(query, key, scaling, bias))` without keeping the `(B, H, N, N)`
-    probabilities: the loss is a mean over images, so it runs in chunks of images, each under activation
-    checkpointing (its maps recomputed in the backward from the query and key, which the attention kernel keeps
-    anyway). With a fused kernel (SDPA) that never builds the probabilities, the term then holds one chunk's maps at a
-    time, in the forward and in the backward, instead of the whole batch's through the step.
+    probabilities: the loss is a mean over images, so it runs in chunks of images, and each chunk's gradients for
+    the query, key and bias are taken in the forward while its maps exist (the backward only scales them). With a
+    fused kernel (SDPA) that never builds the probabilities, the term holds one chunk's maps at a time and builds
+    them once; what it keeps through the step is the query's and key's gradient, `(B, H, N, d)` each.
+
+    The dot products run in the autocast dtype when autocast is on (as the attention's own product would), the
+    softmax, the Gram and the gradients' element-wise work in float32.
 
     Args:
         query, key: `(B, H, N, d)` the block's attention query and key (after any query/key norm).
@@ -325,23 +392,21 @@ def attention_cosine_loss_from_scores(
             f"and {tuple(key.shape)}."
         )
     batch, heads, tokens, _ = query.shape
-
-    def chunk_loss(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # A sum over the chunk's images (the mean over the whole batch is taken once, below).
-        return attention_cosine_loss(softmax_attention(query, key, scaling, bias)) * query.shape[0]
-
     images_per_chunk = max(1, chunk_elements // max(1, heads * tokens * tokens))
     per_image_bias = bias is not None and bias.ndim == 4 and bias.shape[0] == batch and batch > 1
-    queries, keys = query.split(images_per_chunk), key.split(images_per_chunk)
-    biases = bias.split(images_per_chunk) if per_image_bias else [bias] * len(queries)
-    total = None
-    for chunk in zip(queries, keys, biases, strict=True):
-        if torch.is_grad_enabled():
-            value = torch.utils.checkpoint.checkpoint(chunk_loss, *chunk, use_reentrant=False)
-        else:
-            value = chunk_loss(*chunk)
-        total = value if total is None else total + value
-    return total / batch
+    device_type = query.device.type
+    matmul_dtype = torch.promote_types(query.dtype, key.dtype)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        matmul_dtype = torch.get_autocast_dtype(device_type)
+    grad_on = torch.is_grad_enabled()
+    compute_grad = (
+        grad_on and query.requires_grad,
+        grad_on and key.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    options = (scaling, images_per_chunk, per_image_bias, matmul_dtype, compute_grad)
+    with _no_autocast(query):
+        return _AttentionCosineFromScores.apply(query, key, bias, options)
 
 
 @dataclass

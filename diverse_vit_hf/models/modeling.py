@@ -9,9 +9,9 @@ remote code.
 With `return_diversity_outputs=True` the forward also returns `h^0`, the pre-LayerNorm `h^L`, block 1's
 attention query and key (from which its probabilities follow) and per-token logits. Every block keeps the configured
 fast kernel (SDPA, flash, ...), which never builds the `(B, H, N, N)` probabilities: the attention term computes them
-from the captured query and key and recomputes them in its backward (`attention_cosine_loss_from_scores`). The
-capture goes through transformers' `AttentionInterface`: a registered function records the query and key of the one
-flagged module and delegates every module to the base implementation. The flag stays set once installed, so
+from the captured query and key, one chunk of images at a time, taking their gradient at once
+(`attention_cosine_loss_from_scores`). The capture goes through transformers' `AttentionInterface`: a registered
+function records the query and key of the one flagged module and delegates every module to the base implementation. The flag stays set once installed, so
 activation-checkpoint recomputation takes the same path as the forward.
 """
 
@@ -86,7 +86,7 @@ class AttentionScores:
         return softmax_attention(self.query, self.key, self.scaling, self.bias)
 
     def cosine_loss(self) -> torch.Tensor:
-        """The attention term on these probabilities, recomputing them in the backward
+        """The attention term on these probabilities, built one chunk of images at a time and never kept
         (`attention_cosine_loss_from_scores`)."""
         return attention_cosine_loss_from_scores(self.query, self.key, self.scaling, self.bias)
 

@@ -85,7 +85,7 @@ def _patch_contrastive(x: TermInputs) -> torch.Tensor:
 
 
 def _attention_cosine(x: TermInputs) -> torch.Tensor:
-    # From block 1's query and key, the (B, H, N, N) probabilities recomputed in the backward rather than kept.
+    # From block 1's query and key: the (B, H, N, N) probabilities are built in chunks and never kept.
     return x.outputs.first_block_attention.cosine_loss()
 
 

@@ -1063,11 +1063,12 @@ def test_linear_two_label_cross_entropy_refuses_mismatched_shapes():
 # The attention term from block 1's query and key (probabilities recomputed in the backward)
 
 
-@pytest.mark.parametrize("bias_shape", [None, (1, 3, 5, 5), (3, 3, 5, 5)])
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 5, 5), (3, 5, 5), (3, 3, 5, 5), (3, 1, 5, 5)])
 @pytest.mark.parametrize("chunk_elements", [1, 2 * 3 * 5 * 5, 2**20])
 def test_attention_cosine_from_scores_equals_the_loss_on_the_probabilities(bias_shape, chunk_elements):
     """Value and gradients against the loss on the written-out probabilities in float64, with one image, two images
-    (an uneven split of 3) and the whole batch per chunk, with no bias, a shared bias and a bias per image."""
+    (an uneven split of 3) and the whole batch per chunk, with no bias, a shared bias (4-d and 3-d), a bias per image and
+    one per image shared by the heads."""
     generator = torch.Generator().manual_seed(3)
     query, key = (torch.randn(3, 3, 5, 4, generator=generator, dtype=torch.float64) for _ in range(2))
     bias = None if bias_shape is None else torch.randn(*bias_shape, generator=generator, dtype=torch.float64)
@@ -1088,12 +1089,13 @@ def test_attention_cosine_from_scores_equals_the_loss_on_the_probabilities(bias_
 
 def test_attention_cosine_from_scores_keeps_no_probabilities_and_builds_one_chunk_at_a_time():
     """Every tensor autograd saves, and every tensor created in the forward and the backward, is watched: the loss
-    on the probabilities keeps a (B, H, N, N) map; the loss from the query and key keeps none and never builds more
-    than one chunk's maps (here two of the four images)."""
+    on the probabilities keeps a (B, H, N, N) map; the loss from the query and key keeps none, never builds more
+    than one chunk's maps (here two of the four images), and builds no map at all in the backward (the gradient was
+    taken in the forward: nothing is recomputed)."""
     query, key = (torch.randn(4, 3, 9, 4, requires_grad=True) for _ in range(2))
     maps, chunk = 4 * 3 * 9 * 9, 2 * 3 * 9 * 9
 
-    def largest(loss_fn) -> tuple[int, int]:
+    def largest(loss_fn) -> tuple[int, int, int]:
         saved = [0]
         with (
             LargestTensor() as watcher,
@@ -1102,11 +1104,11 @@ def test_attention_cosine_from_scores_keeps_no_probabilities_and_builds_one_chun
             loss = loss_fn()
         with LargestTensor() as backward_watcher:
             loss.backward()
-        return max(saved), max(watcher.largest, backward_watcher.largest)
+        return max(saved), watcher.largest, backward_watcher.largest
 
-    assert largest(lambda: attention_cosine_loss(softmax_attention(query, key, 0.5))) == (maps, maps)
-    saved, built = largest(lambda: attention_cosine_loss_from_scores(query, key, 0.5, chunk_elements=chunk))
-    assert saved < chunk and built == chunk
+    assert largest(lambda: attention_cosine_loss(softmax_attention(query, key, 0.5))) == (maps, maps, maps)
+    saved, forward, backward = largest(lambda: attention_cosine_loss_from_scores(query, key, 0.5, chunk_elements=chunk))
+    assert saved <= query.numel() < chunk and forward == chunk and backward <= query.numel()
     with pytest.raises(ValueError, match="same shape"):
         attention_cosine_loss_from_scores(query, key[:, :, :5], 0.5)
 
