@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from .configuration import PATCH_COSINE_VARIANTS, WEIGHT_ESTIMATORS
 
