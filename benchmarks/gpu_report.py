@@ -46,18 +46,27 @@ def overhead_section(report: dict, title: str) -> list[str]:
         f"{report['repeats']} alternating steps after {report['warmup']} warm-up steps; memory = "
         f"{report['memory_kind']}.",
         "",
-        f"| variant | step ms | img/s | {memory_kind} |",
-        "|---|---:|---:|---:|",
+        f"| variant | step ms | img/s | {memory_kind} | GFLOP |",
+        "|---|---:|---:|---:|---:|",
     ]
     for key, row in report["variants"].items():
         lines.append(
             f"| {key} {row['description']} | {row['median_s'] * 1e3:.1f} | {row['images_per_s']:.0f} | "
-            f"{row['memory_mib']:.0f} |"
+            f"{row['memory_mib']:.0f} | {row.get('gflops', float('nan')):.1f} |"
         )
     ratios = []
     for name, key in (("b/a", "ratio_b_over_a"), ("c/b", "ratio_c_over_b")):
         if key in report:
-            ratios.append(f"{name}: time {report[key]['time']:.3f}, memory {report[key]['memory']:.3f}")
+            ratio = report[key]
+            text = f"{name}: time {ratio['time']:.3f}"
+            per_round = ratio.get("time_per_round")
+            if per_round and per_round["ci95"]:
+                low, high = per_round["ci95"]
+                text += f" (per round {per_round['median']:.3f}, 95% CI [{low:.3f}, {high:.3f}])"
+            text += f", memory {ratio['memory']:.3f}"
+            if "flops" in ratio:
+                text += f", FLOPs {ratio['flops']:.3f}"
+            ratios.append(text)
     if ratios:
         lines += ["", f"**{'. '.join(ratios)}.**"]
     return lines

@@ -174,6 +174,7 @@ def test_gpu_run_script_smoke_on_cpu(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for heading in ("### Step time and memory", "### Mixed precision and host syncs", "### bf16 training run"):
         assert heading in report
+    assert "| GFLOP |" in report and ", FLOPs 1.0" in report  # ours does more arithmetic than plain HF, by a little
     assert json.loads((tmp_path / "train_state.json").read_text())["global_step"] == 2
     assert json.loads((tmp_path / "precision.json").read_text())["failed"] == 0
 
