@@ -11,8 +11,8 @@ attention query and key (from which its probabilities follow) and per-token logi
 fast kernel (SDPA, flash, ...), which never builds the `(B, H, N, N)` probabilities: the attention term computes them
 from the captured query and key, one chunk of images at a time, taking their gradient at once
 (`attention_cosine_loss_from_scores`). The capture goes through transformers' `AttentionInterface`: a registered
-function records the query and key of the one flagged module and delegates every module to the base implementation. The flag stays set once installed, so
-activation-checkpoint recomputation takes the same path as the forward.
+function records the query and key of the one flagged module and delegates every module to the base implementation.
+The flag stays set once installed, so activation-checkpoint recomputation takes the same path as the forward.
 """
 
 from __future__ import annotations

@@ -1067,8 +1067,8 @@ def test_linear_two_label_cross_entropy_refuses_mismatched_shapes():
 @pytest.mark.parametrize("chunk_elements", [1, 2 * 3 * 5 * 5, 2**20])
 def test_attention_cosine_from_scores_equals_the_loss_on_the_probabilities(bias_shape, chunk_elements):
     """Value and gradients against the loss on the written-out probabilities in float64, with one image, two images
-    (an uneven split of 3) and the whole batch per chunk, with no bias, a shared bias (4-d and 3-d), a bias per image and
-    one per image shared by the heads."""
+    (an uneven split of 3) and the whole batch per chunk, with no bias, a shared bias (4-d and 3-d), a bias per image
+    and one per image shared by the heads."""
     generator = torch.Generator().manual_seed(3)
     query, key = (torch.randn(3, 3, 5, 4, generator=generator, dtype=torch.float64) for _ in range(2))
     bias = None if bias_shape is None else torch.randn(*bias_shape, generator=generator, dtype=torch.float64)
