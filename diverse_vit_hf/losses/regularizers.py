@@ -40,6 +40,21 @@ def _no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
+def _matmul_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matrix product on `tensor`'s device runs in: autocast's when autocast is on there (as `nn.Linear`
+    and the attention's own products would run), else `dtype`."""
+    device_type = tensor.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> tuple[bool, ...]:
+    """For each tensor (or None), whether a gradient must be taken for it here."""
+    grad_on = torch.is_grad_enabled()
+    return tuple(grad_on and tensor is not None and tensor.requires_grad for tensor in tensors)
+
+
 def _check_patch_tokens(hidden_states: torch.Tensor, num_prefix_tokens: int, name: str, min_patches: int) -> None:
     if hidden_states.ndim != 3:
         raise ValueError(
@@ -393,17 +408,8 @@ def attention_cosine_loss_from_scores(
     batch, heads, tokens, _ = query.shape
     images_per_chunk = max(1, chunk_elements // max(1, heads * tokens * tokens))
     per_image_bias = bias is not None and bias.ndim == 4 and bias.shape[0] == batch and batch > 1
-    device_type = query.device.type
-    matmul_dtype = torch.promote_types(query.dtype, key.dtype)
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        matmul_dtype = torch.get_autocast_dtype(device_type)
-    grad_on = torch.is_grad_enabled()
-    compute_grad = (
-        grad_on and query.requires_grad,
-        grad_on and key.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
-    )
-    options = (scaling, images_per_chunk, per_image_bias, matmul_dtype, compute_grad)
+    matmul_dtype = _matmul_dtype(query, torch.promote_types(query.dtype, key.dtype))
+    options = (scaling, images_per_chunk, per_image_bias, matmul_dtype, _needs_grad(query, key, bias))
     with _no_autocast(query):
         return _AttentionCosineFromScores.apply(query, key, bias, options)
 
@@ -963,18 +969,9 @@ def linear_two_label_cross_entropy_sum(
             f"`targets.weights` and `targets.row_scale` must have shape {(tokens,)} (one per token), got "
             f"{tuple(targets.weights.shape)} and {tuple(targets.row_scale.shape)}."
         )
-    device_type = features.device.type
-    matmul_dtype = features.dtype
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        matmul_dtype = torch.get_autocast_dtype(device_type)
-    grad_on = torch.is_grad_enabled()
-    compute_grad = (
-        grad_on and features.requires_grad,
-        grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
-    )
     samples_per_chunk = max(1, chunk_elements // max(1, tokens * classes))
-    options = (float(targets.label_smoothing), matmul_dtype, samples_per_chunk, compute_grad)
+    compute_grad = _needs_grad(features, weight, bias)
+    options = (float(targets.label_smoothing), _matmul_dtype(features, features.dtype), samples_per_chunk, compute_grad)
     with _no_autocast(features):
         return _LinearTwoLabelCrossEntropySum.apply(
             features,
