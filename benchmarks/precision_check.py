@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import ALL_TERMS, CONFIGS, make_trainer, vit_config
+from overhead import ALL_TERMS, CONFIGS, make_trainer, random_batch, vit_config
 
 from diverse_vit_hf import DiverseViTForImageClassification
 from diverse_vit_hf.losses.mixing import PatchMixupCutmix
@@ -149,13 +149,11 @@ class Checks:
 def run(args: argparse.Namespace) -> dict:
     device = args.device
     config = vit_config(args.config)
-    generator = torch.Generator().manual_seed(0)
-    size = config.image_size
-    pixel_values = torch.randn(args.batch_size, 3, size, size, generator=generator)
-    labels = torch.randint(0, config.num_labels, (args.batch_size,), generator=generator)
+    plain = random_batch(config, args.batch_size, "cpu")
     # One CutMix batch given to every run (compute_loss uses premixed `patch_labels` as they are).
     torch.manual_seed(0)
-    mixed = PatchMixupCutmix(config.num_labels, config.patch_size, switch_prob=1.0)(pixel_values, labels)
+    mixer = PatchMixupCutmix(config.num_labels, config.patch_size, switch_prob=1.0)
+    mixed = mixer(plain["pixel_values"], plain["labels"])
     batch = {
         "pixel_values": mixed.pixel_values.to(device),
         "labels": mixed.targets.to(device),
@@ -218,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
         )
 
     # Class-index labels: the trainer draws and applies Mixup/CutMix on the device itself, as in training.
-    unmixed = {"pixel_values": pixel_values, "labels": labels}
+    unmixed = dict(plain)
     if torch.device(device).type == "cuda":
         unmixed = {key: value.to(device) for key, value in unmixed.items()}
         for name in ["fp32", *args.dtypes.split(",")]:
