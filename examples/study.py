@@ -39,6 +39,12 @@ side, each with its own seeds and folder, merged afterwards):
         --torch_threads 1 --seeds 3 4 --output_dir outputs/study_converged_b
     python examples/study.py --output_dir outputs/study_converged --merge outputs/study_converged_b --report_only
 
+The same runs at a longer budget, compared run by run with the shorter one (the budget itself as the convergence
+check: does each arm's final top-1, and its gap to the baseline, still move when the budget grows?):
+
+    python examples/study.py --settings deep --arms baseline diverse patch --num_train_epochs 48 \
+        --eval_every_epochs 4 --torch_threads 1 --output_dir outputs/study48 --budget_reference outputs/study_converged
+
 Two processes never share a study folder (it is locked while a study runs there; a second one is refused), and
 `--merge` takes in whole runs of studies made with the same command, refusing runs trained with other flags.
 
@@ -59,6 +65,7 @@ import copy
 import datetime
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -75,6 +82,7 @@ from diverse_vit_hf.scripts.study_statistics import (
     CONVERGENCE_TOLERANCE,
     CONVERGENCE_WINDOW,
     STUDY_ARMS,
+    budget_comparison,
     curve_from_log_history,
     curve_statistics,
     study_statistics,
@@ -111,6 +119,8 @@ PLOTTED_REDUNDANCY = (
     "qkv_row_abs_cos_mean",
     "qkv_cond_mean",
 )
+# The flags a study and its --budget_reference may differ in: the budget, and the evaluation steps that follow from it.
+BUDGET_REFERENCE_FLAGS = ("--num_train_epochs", "--max_steps", "--eval_strategy", "--eval_steps")
 # The flags that make a run's budget; the report checks that every run of a setting has the same.
 BUDGET_FLAGS = ("--num_train_epochs", "--max_steps", "--per_device_train_batch_size", "--learning_rate",
                 "--max_train_samples", "--max_eval_samples")  # fmt: skip
@@ -151,6 +161,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="First take in the runs of these study folders (e.g. seeds trained by parallel processes, each into its "
         "own folder): each run this study lacks is copied here with its run folder; a run it holds with other flags "
         "is an error.",
+    )
+    parser.add_argument(
+        "--budget_reference",
+        metavar="STUDY_DIR",
+        help="A study of the same runs at another budget (e.g. 32 epochs, this one 48): the report adds, per setting "
+        "and arm, the per-seed change of the final top-1 and of its gap to the baseline from that budget to this one "
+        "(the runs must differ only in --num_train_epochs/--max_steps and when they evaluate). Kept in study.json.",
     )
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
@@ -208,6 +225,52 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     """The last value given to `flag` in argv (argparse keeps the last), or None."""
     values = [argv[i + 1] for i, token in enumerate(argv[:-1]) if token == flag]
     return values[-1] if values else None
+
+
+def without_budget(argv: list[str]) -> list[str]:
+    """`run_key` without the flags (and their values) that may differ between a study and its --budget_reference."""
+    key, skip = [], False
+    for token in run_key(argv):
+        if skip:
+            skip = False
+        elif token in BUDGET_REFERENCE_FLAGS:
+            skip = True
+        elif not token.startswith(tuple(f"{flag}=" for flag in BUDGET_REFERENCE_FLAGS)):
+            key.append(token)
+    return key
+
+
+def read_budget_reference(study: dict[str, Any], output_dir: Path, reference_dir: Path) -> dict[str, Any]:
+    """The final top-1 of the runs of the study in `reference_dir` that this study also has (same setting, arm and
+    seed), each checked to differ from this study's run only in its budget: `{"folder" (relative to this study's
+    folder), "epochs": {setting: [budgets]}, "finals": {setting: {arm: {seed: top1}}}}`."""
+    path = reference_dir / STUDY_JSON
+    if not path.exists():
+        raise ValueError(
+            f"--budget_reference {reference_dir}: no {STUDY_JSON} there. Give the --output_dir of a study."
+        )
+    if reference_dir.resolve() == output_dir.resolve():
+        raise ValueError(f"--budget_reference {reference_dir} is this study's own folder; give another study's.")
+    here = {(r["setting"], r["arm"], r["seed"]): r for r in study["runs"]}
+    finals: dict[str, dict[str, dict[str, float]]] = {}
+    epochs: dict[str, set[str]] = {}
+    for run in load_study(path)["runs"]:
+        mine = here.get((run["setting"], run["arm"], run["seed"]))
+        if mine is None:
+            continue
+        if without_budget(run["argv"]) != without_budget(mine["argv"]):
+            raise ValueError(
+                f"--budget_reference {reference_dir}: its run {run_folder(run)} differs from this study's in more than "
+                "the budget; compare studies made with the same command and another --num_train_epochs."
+            )
+        finals.setdefault(run["setting"], {}).setdefault(run["arm"], {})[str(run["seed"])] = run["metrics"]["top1"]
+        epochs.setdefault(run["setting"], set()).add(flag_value(run["argv"], "--num_train_epochs") or "-")
+    if not finals:
+        raise ValueError(
+            f"--budget_reference {reference_dir}: none of its runs is a run of this study (setting, arm, seed)."
+        )
+    folder = Path(os.path.relpath(reference_dir.resolve(), output_dir.resolve())).as_posix()
+    return {"folder": folder, "epochs": {k: sorted(v) for k, v in epochs.items()}, "finals": finals}
 
 
 def run_folder(run: dict[str, Any]) -> str:
@@ -273,6 +336,13 @@ def save_study(study: dict[str, Any], path: Path) -> None:
     folder (`portable_path`; `study` itself keeps them as they are)."""
     study["statistics"] = study_statistics(study["runs"])
     study["curve_statistics"] = curve_statistics(study["runs"])
+    if study.get("budget_reference"):
+        finals = study["budget_reference"]["finals"]
+        study["budget_comparison"] = budget_comparison(
+            study["runs"],
+            {setting: {arm: {int(seed): v for seed, v in by_seed.items()} for arm, by_seed in arms.items()}
+             for setting, arms in finals.items()},
+        )  # fmt: skip
     study["statistics_method"] = {
         "summary": "mean and sample standard deviation (n - 1) over seeds",
         "paired": "arm - baseline per seed over the seeds both have; 95% CI mean +/- t(0.975, n - 1) std / sqrt(n)",
@@ -283,6 +353,8 @@ def save_study(study: dict[str, Any], path: Path) -> None:
         "epochs_to_baseline_final": "per run, the first evaluation epoch with top-1 >= the baseline's mean final top-1 "
         "of the setting (None: never); reach: runs that reach it out of n, median epoch of those that do",
         "convergence": convergence_criterion(),
+        "budget_comparison": "per arm, this study's final top-1 minus the --budget_reference study's, per seed "
+        "(change), and the same for the arm's gap to the baseline (gap_change); 95% t CIs",
     }
     study["arms"] = {name: {"description": d, "flags": f} for name, (d, f) in ARMS.items()}
     study["settings"] = {name: {"description": d, "flags": f} for name, (d, f) in SETTINGS.items()}
@@ -590,6 +662,37 @@ def curve_section(study: dict[str, Any], setting: str) -> list[str]:
     return lines
 
 
+def budget_section(study: dict[str, Any], setting: str) -> list[str]:
+    """The report's lines comparing this study's final top-1 with its --budget_reference's, for one setting."""
+    comparison = (study.get("budget_comparison") or {}).get(setting)
+    if not comparison:
+        return []
+    reference = study["budget_reference"]
+    then = " / ".join(reference["epochs"].get(setting, ["-"]))
+    budgets = {flag_value(r["argv"], "--num_train_epochs") for r in study["runs"] if r["setting"] == setting}
+    now = " / ".join(sorted(b or "-" for b in budgets))
+    lines = [
+        "",
+        f"### {setting}: against the same runs at {then} epochs",
+        "",
+        f"The same setting, arms and seeds trained for {then} epochs (`{reference['folder']}`) and for {now} here: "
+        "the change of each arm's final top-1, and of its gap to the baseline, per seed (a budget-convergence check: "
+        "an arm whose final top-1 still rises with the budget had not reached its end point at the shorter one).",
+        "",
+        f"| arm | seeds | final top-1 % at {then} | at {now} | change, pp [95% CI] | "
+        "change of the gap to the baseline, pp [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in ordered(comparison, ARMS):
+        entry = comparison[arm]
+        gap = "(reference)" if arm == "baseline" else fmt_paired(entry["gap_change"])
+        lines.append(
+            f"| {arm} | {len(entry['seeds'])} | {fmt(entry['reference'], 100)} | {fmt(entry['this'], 100)} | "
+            f"{fmt_paired(entry['change'])} | {gap} |"
+        )
+    return lines
+
+
 def convergence_statement(convergence: dict[str, Any] | None) -> str:
     """The report's sentence on whether the baseline has converged (`convergence_criterion`)."""
     head = f"**Convergence of the baseline.** Criterion: {convergence_criterion()}."
@@ -675,6 +778,7 @@ def render_report(study: dict[str, Any], output_dir: Path | None = None) -> str:
                 f"{fmt(s['wall_time_s'], 1, 0)} |"
             )
         lines += curve_section(study, setting)
+        lines += budget_section(study, setting)
         arms = ordered(statistics[setting], ARMS)
         lines += ["", "Redundancy of the final models (mean ± std over seeds):", ""]
         lines += ["| metric | better | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
@@ -749,6 +853,8 @@ def run_study(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     merged = merge_studies(study, output_dir, args.merge)
     if args.report_only and not study["runs"]:
         raise ValueError(f"--report_only: {study_path} holds no run yet.")
+    if args.budget_reference:
+        study["budget_reference"] = read_budget_reference(study, output_dir, Path(args.budget_reference))
     plan = [] if args.report_only else [(s, a, seed) for seed in args.seeds for s in args.settings for a in args.arms]
     trained = skipped = 0
     run_diverse = train_script if plan else None

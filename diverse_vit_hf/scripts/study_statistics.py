@@ -543,6 +543,58 @@ def curve_statistics(
     return result
 
 
+# ---- The same study at two budgets --------------------------------------------------------------------------------
+
+
+def budget_comparison(
+    runs: Sequence[Mapping[str, Any]],
+    reference_finals: Mapping[str, Mapping[str, Mapping[int, float]]],
+    baseline: str = "baseline",
+    confidence: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """The final top-1 of a study's runs against the same runs (setting, arm, seed) trained at another budget, as a
+    budget-convergence check: does an arm's final top-1, and its gap to the baseline, move when the budget grows?
+
+    Args:
+        runs: this study's runs (each with "setting", "arm", "seed" and `metrics["top1"]`).
+        reference_finals: `{setting: {arm: {seed: final top-1}}}` of the runs at the other budget.
+        baseline: the arm the gaps are taken to.
+        confidence: coverage of the paired intervals.
+
+    Returns:
+        `{setting: {arm: {"seeds", "reference": summarize, "this": summarize, "change": PairedDifference dict,
+        "gap_change": PairedDifference dict | None}}}` for the settings and arms both have: `change` is this study's
+        final top-1 minus the reference's, per seed; `gap_change` the change of (arm - baseline), per seed.
+    """
+    this: dict[str, dict[str, dict[int, float]]] = {}
+    for run in runs:
+        this.setdefault(run["setting"], {}).setdefault(run["arm"], {})[run["seed"]] = run["metrics"]["top1"]
+    result: dict[str, dict[str, Any]] = {}
+    for setting, arms in this.items():
+        reference = reference_finals.get(setting, {})
+        entry: dict[str, Any] = {}
+        for arm, by_seed in arms.items():
+            earlier = reference.get(arm, {})
+            seeds = sorted(s for s in by_seed if s in earlier)
+            if not seeds:
+                continue
+            gap_change = None
+            if arm != baseline and baseline in arms and baseline in reference:
+                gap_now = {s: by_seed[s] - arms[baseline][s] for s in seeds if s in arms[baseline]}
+                gap_then = {s: earlier[s] - reference[baseline][s] for s in seeds if s in reference[baseline]}
+                gap_change = paired_difference(gap_now, gap_then, confidence).to_dict()
+            entry[arm] = {
+                "seeds": seeds,
+                "reference": summarize(earlier[s] for s in seeds),
+                "this": summarize(by_seed[s] for s in seeds),
+                "change": paired_difference({s: by_seed[s] for s in seeds}, earlier, confidence).to_dict(),
+                "gap_change": gap_change,
+            }
+        if entry:
+            result[setting] = entry
+    return result
+
+
 __all__ = [
     "CONVERGENCE_TOLERANCE",
     "CONVERGENCE_WINDOW",
@@ -552,6 +604,7 @@ __all__ = [
     "PairedDifference",
     "StudyArm",
     "best_point",
+    "budget_comparison",
     "convergence_check",
     "curve_convergence",
     "curve_from_log_history",

@@ -328,6 +328,59 @@ def test_merge_takes_in_the_runs_of_studies_run_in_parallel(tmp_path, capsys, mo
     assert (again["trained"], again["skipped"]) == (0, 6)
 
 
+def made_up_reference(folder: Path, study, epochs: str, seeds, extra=()) -> None:
+    """`made_up_study`'s runs at another budget: --num_train_epochs `epochs`, the curves cut there."""
+    args = study.parse_args(["--num_train_epochs", epochs, "--eval_every_epochs", "4", *extra])
+    runs = []
+    for arm, by_seed in (("baseline", BASELINE_CURVES), ("diverse", DIVERSE_CURVES)):
+        for seed in seeds:
+            points = [p for p in by_seed[seed] if p["epoch"] <= float(epochs)]
+            argv = study.run_argv(args, "deep", arm, seed, 63)
+            runs.append(made_up_run("deep", arm, seed, points, argv, str(folder / "deep" / arm / f"seed-{seed}")))
+    folder.mkdir(parents=True)
+    study.save_study({"schema_version": study.SCHEMA_VERSION, "runs": runs}, folder / "study.json")
+
+
+def test_budget_reference_compares_the_same_runs_at_two_budgets(tmp_path):
+    """A 16-epoch study against its 8-epoch runs: per arm the paired change of the final top-1 and of the gap to the
+    baseline (worked out by hand from the made-up curves), in study.json and the report, kept by a later
+    --report_only; a reference that differs in more than the budget, has no study.json or is the study itself is
+    refused."""
+    study = load_script(STUDY_SCRIPT, "study_script")
+    main, shorter = tmp_path / "main", tmp_path / "shorter"
+    made_up_study(main, study, seeds=[0, 1, 2])
+    made_up_reference(shorter, study, "8", seeds=[0, 1, 2])
+    study.main(["--output_dir", str(main), "--report_only", "--budget_reference", str(shorter)])
+
+    written = json.loads((main / "study.json").read_text())
+    assert written["budget_reference"]["folder"] == "../shorter"
+    assert written["budget_reference"]["epochs"] == {"deep": ["8.0"]}
+    comparison = written["budget_comparison"]["deep"]
+    # baseline finals 0.70, 0.60, 0.65 at 8 epochs; 0.82, 0.80, 0.84 at 16: +0.12, +0.20, +0.19.
+    assert comparison["baseline"]["change"]["differences"] == pytest.approx([0.12, 0.20, 0.19])
+    assert comparison["baseline"]["gap_change"] is None
+    # diverse: 0.80, 0.82, 0.70 -> 0.85, 0.84, 0.79; gaps 0.10, 0.22, 0.05 -> 0.03, 0.04, -0.05.
+    assert comparison["diverse"]["change"]["mean"] == pytest.approx(0.16 / 3)
+    assert comparison["diverse"]["gap_change"]["differences"] == pytest.approx([-0.07, -0.18, -0.10])
+    report = (main / "study.md").read_text()
+    assert "### deep: against the same runs at 8.0 epochs" in report
+    assert "| baseline | 3 | 65.00 ± 5.00 | 82.00 ± 2.00 | +17.00 [" in report
+    rows = [line for line in report.splitlines() if line.startswith("| diverse | 3 | 77.33")]
+    assert len(rows) == 1 and "| +5.33 [" in rows[0] and "| -11.67 [" in rows[0]
+
+    study.main(["--output_dir", str(main), "--report_only"])  # the comparison stays with the study
+    assert "### deep: against the same runs at 8.0 epochs" in (main / "study.md").read_text()
+
+    other = tmp_path / "other_lr"
+    made_up_reference(other, study, "8", seeds=[0], extra=["--learning_rate", "0.001"])
+    with pytest.raises(ValueError, match=r"its run deep/baseline/seed-0 differs from this study's in more than the"):
+        study.main(["--output_dir", str(main), "--report_only", "--budget_reference", str(other)])
+    with pytest.raises(ValueError, match=r"no study.json there"):
+        study.main(["--output_dir", str(main), "--report_only", "--budget_reference", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"this study's own folder"):
+        study.main(["--output_dir", str(main), "--report_only", "--budget_reference", str(main)])
+
+
 def test_merge_refuses_what_it_cannot_take_in_whole(tmp_path):
     """Each refusal says what was wrong and copies nothing of that source."""
     study = load_script(STUDY_SCRIPT, "study_script")
