@@ -482,3 +482,40 @@ def test_the_committed_converged_study_report_is_what_its_runs_give(tmp_path):
     assert without_versions((copy / "study.md").read_text()) == without_versions(
         (COMMITTED_CONVERGED / "study.md").read_text()
     )
+
+
+COMMITTED_CONVERGED48 = REPO / "docs" / "study" / "converged48"
+
+
+def test_the_committed_48_epoch_study_report_is_what_its_runs_give(tmp_path):
+    """docs/study/converged48: the deep setting's 15 runs at 48 epochs, n = 5 per arm, curves every 4 epochs, compared
+    run by run with the 32-epoch study beside it; --report_only on copies of both, reading the 32-epoch finals again,
+    recomputes the statistics and the comparison and gives the committed report (but the line naming the installed
+    scipy)."""
+    study = load_script(STUDY_SCRIPT, "study_script")
+    committed = json.loads((COMMITTED_CONVERGED48 / "study.json").read_text())
+    assert {(r["setting"], r["arm"], r["seed"]) for r in committed["runs"]} == {
+        ("deep", arm, seed) for arm in ("baseline", "diverse", "patch") for seed in range(5)
+    }
+    for run in committed["runs"]:
+        assert run["output_dir"] == f"deep/{run['arm']}/seed-{run['seed']}"
+        assert [p["epoch"] for p in run["curve"]] == [4.0 * k for k in range(1, 13)]
+        assert run["curve"][-1]["top1"] == run["metrics"]["top1"]
+    assert committed["budget_reference"]["folder"] == "../converged"
+    assert committed["budget_reference"]["epochs"] == {"deep": ["32.0"]}
+    shutil.copytree(COMMITTED_CONVERGED, tmp_path / "converged")
+    copy = tmp_path / "converged48"
+    shutil.copytree(COMMITTED_CONVERGED48, copy)
+    # The 32-epoch finals are read again from the copy of that study, not taken from the committed study.json.
+    study.main(["--output_dir", str(copy), "--report_only", "--budget_reference", str(tmp_path / "converged")])
+    recomputed = json.loads((copy / "study.json").read_text())
+    for key in ("runs", "statistics", "curve_statistics", "budget_reference", "budget_comparison"):
+        assert recomputed[key] == committed[key], key
+    assert all(entry["change"]["n"] == 5 for entry in recomputed["budget_comparison"]["deep"].values())
+
+    def without_versions(report: str) -> list[str]:
+        return [line for line in report.splitlines() if "t quantile:" not in line]
+
+    assert without_versions((copy / "study.md").read_text()) == without_versions(
+        (COMMITTED_CONVERGED48 / "study.md").read_text()
+    )
