@@ -208,17 +208,22 @@ def run_argv(args: argparse.Namespace, setting: str, arm: str, seed: int, epoch_
     return argv + shlex.split(args.extra)
 
 
-def run_key(argv: list[str]) -> list[str]:
-    """What makes two runs the same: the argv without --output_dir and --overwrite_output_dir."""
-    key, skip = [], False
+def without_flags(argv: list[str], valued: tuple[str, ...], bare: tuple[str, ...] = ()) -> list[str]:
+    """argv without the flags of `valued` (and their values, given apart or as `--flag=value`) and those of `bare`."""
+    kept, skip = [], False
     for token in argv:
         if skip:
             skip = False
-        elif token == "--output_dir":
+        elif token in valued:
             skip = True
-        elif token != "--overwrite_output_dir" and not token.startswith("--output_dir="):
-            key.append(token)
-    return key
+        elif token not in bare and not token.startswith(tuple(f"{flag}=" for flag in valued)):
+            kept.append(token)
+    return kept
+
+
+def run_key(argv: list[str]) -> list[str]:
+    """What makes two runs the same: the argv without --output_dir and --overwrite_output_dir."""
+    return without_flags(argv, ("--output_dir",), ("--overwrite_output_dir",))
 
 
 def flag_value(argv: list[str], flag: str) -> str | None:
@@ -229,15 +234,7 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 
 def without_budget(argv: list[str]) -> list[str]:
     """`run_key` without the flags (and their values) that may differ between a study and its --budget_reference."""
-    key, skip = [], False
-    for token in run_key(argv):
-        if skip:
-            skip = False
-        elif token in BUDGET_REFERENCE_FLAGS:
-            skip = True
-        elif not token.startswith(tuple(f"{flag}=" for flag in BUDGET_REFERENCE_FLAGS)):
-            key.append(token)
-    return key
+    return without_flags(run_key(argv), BUDGET_REFERENCE_FLAGS)
 
 
 def read_budget_reference(study: dict[str, Any], output_dir: Path, reference_dir: Path) -> dict[str, Any]:
